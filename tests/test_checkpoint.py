@@ -1,0 +1,85 @@
+"""Checkpoints hold tensors only, load with weights_only=True, and are checked against their config."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE, ModelSpec, load_checkpoint, save_checkpoint
+from trainables.config import TrialConfig
+from trainables.errors import InputError
+from trainables.model import build_optimizer
+
+SPEC = ModelSpec(TrialConfig(), (3, 32, 32), tuple("abcdefghij"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def saved(tmp_path):
+    model = SPEC.build(seed=1)
+    optimizer = build_optimizer(model, SPEC.config)
+    save_checkpoint(tmp_path, SPEC, model, optimizer, epoch=3)
+    return model
+
+
+def test_a_checkpoint_round_trips_with_its_optimizer_state_and_epoch(tmp_path):
+    model = saved(tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.epoch == 3 and loaded.spec == SPEC
+    rebuilt = loaded.spec.build()
+    rebuilt.load_state_dict(loaded.model_state)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(images), model(images))
+    assert "param_groups" in loaded.optimizer_state
+
+
+def test_plain_pytorch_reads_it_with_weights_only(tmp_path):
+    saved(tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert set(state["model"]) == {
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc.weight",
+        "fc.bias",
+    }
+
+
+class Payload:
+    """Unpickling this runs code: what a tampered checkpoint could carry."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
+    model = saved(tmp_path)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {}, "epoch": 1, "extra": Payload()},
+        tmp_path / CHECKPOINT_FILE,
+    )
+    with pytest.raises(
+        InputError, match=f"refusing {tmp_path / CHECKPOINT_FILE}: it holds more than tensors"
+    ):
+        load_checkpoint(tmp_path)
+
+
+def test_tensor_shapes_that_do_not_match_the_config_are_named(tmp_path):
+    saved(tmp_path)
+    spec = json.loads((tmp_path / SPEC_FILE).read_text())
+    spec["config"]["channel_2"] = 24  # the tensors were saved for 16
+    (tmp_path / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(
+        InputError, match=r"conv2.weight has shape \[16, 32, 3, 3\], but its config builds \[24, 32, 3, 3\]"
+    ):
+        load_checkpoint(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    saved(tmp_path)
+    data = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    (tmp_path / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path)

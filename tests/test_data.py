@@ -1,0 +1,125 @@
+"""Loading, caching and splitting real image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, write_image_folder
+
+from trainables import data
+from trainables.data import DataSettings, channel_statistics, load_images, load_splits, stratified_split
+from trainables.errors import InputError
+
+
+def settings(folder: Path, tmp_path: Path, **overrides) -> DataSettings:
+    return DataSettings(source=str(folder), root=str(tmp_path / "cache"), **overrides)
+
+
+def test_a_folder_loads_as_uint8_tensors_with_labels_in_class_order(image_folder, tmp_path):
+    images = load_images(settings(image_folder, tmp_path), "train")
+    assert images.images.dtype == torch.uint8 and images.images.shape == (90, 3, 32, 32)
+    assert images.classes == tuple(sorted(CLASSES))
+    assert torch.bincount(images.labels).tolist() == [30, 30, 30]
+    # "red" images are red: the label matches the folder the file came from
+    red = images.labels == images.classes.index("red")
+    assert images.images[red, 0].float().mean() > images.images[red, 1].float().mean() + 40
+
+
+def test_the_second_load_reads_the_cache_instead_of_decoding(image_folder, tmp_path, monkeypatch):
+    first = load_images(settings(image_folder, tmp_path), "train")
+    assert list((tmp_path / "cache").rglob("*.pt"))
+
+    def decoding_is_not_allowed(path):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(data, "_decode", decoding_is_not_allowed)
+    second = load_images(settings(image_folder, tmp_path), "train")
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+
+
+def test_a_changed_folder_is_decoded_again(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=4)
+    assert len(load_images(settings(folder, tmp_path), "train")) == 12
+    write_image_folder(tmp_path / "images", per_class=5, seed=1)
+    assert len(load_images(settings(folder, tmp_path), "train")) == 15
+
+
+def test_the_split_is_stratified_seeded_disjoint_and_exact():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 50, 50, 50, 50, 55]))
+    val, train = stratified_split(labels, 100, seed=7)
+    assert len(val) == 100 and len(train) == len(labels) - 100
+    assert not set(val.tolist()) & set(train.tolist())
+    assert torch.bincount(labels[val], minlength=10).tolist() in ([10] * 10, [10] * 9 + [10])
+    again, _ = stratified_split(labels, 100, seed=7)
+    other, _ = stratified_split(labels, 100, seed=8)
+    assert torch.equal(val, again) and not torch.equal(val, other)
+
+
+def test_a_sorted_folder_is_not_split_by_taking_the_last_files(image_folder, tmp_path):
+    splits = load_splits(settings(image_folder, tmp_path, val_size=9))
+    assert torch.bincount(splits.val_labels).tolist() == [3, 3, 3]
+    assert torch.bincount(splits.train_labels).tolist() == [27, 27, 27]
+
+
+def test_fewer_training_images_keeps_the_validation_set(image_folder, tmp_path):
+    full = load_splits(settings(image_folder, tmp_path, val_size=9))
+    small = load_splits(settings(image_folder, tmp_path, val_size=9, max_train_images=12))
+    assert len(small.train_labels) == 12 and torch.bincount(small.train_labels).tolist() == [4, 4, 4]
+    assert torch.equal(small.val_images, full.val_images)
+
+
+def test_normalization_comes_from_the_training_split_only(image_folder, tmp_path):
+    splits = load_splits(settings(image_folder, tmp_path, val_size=9))
+    mean, std = channel_statistics(splits.train_images)
+    assert splits.mean == pytest.approx(mean) and splits.std == pytest.approx(std)
+    pixels = splits.train_images.double() / 255
+    assert splits.mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist())
+    assert splits.std == pytest.approx(pixels.std(dim=(0, 2, 3), correction=0).tolist(), rel=1e-4)
+    val_mean, _ = channel_statistics(splits.val_images)
+    assert val_mean != pytest.approx(splits.mean, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "data folder not found"),
+        (lambda root: root, "no train/ folder"),
+        (lambda root: (root / "train" / "only").mkdir(parents=True) or root, "no images in"),
+    ],
+)
+def test_unusable_folders_are_refused(tmp_path, make, message):
+    with pytest.raises(InputError, match=message):
+        load_images(settings(make(tmp_path), tmp_path), "train")
+
+
+def test_one_class_only_is_refused(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    for name in CLASSES[1:]:
+        for image in (folder / "train" / name).iterdir():
+            image.unlink()
+    with pytest.raises(InputError, match="one class only"):
+        load_images(settings(folder, tmp_path), "train")
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    broken = folder / "train" / "green" / "0001.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(InputError, match=f"cannot read image {broken}"):
+        load_images(settings(folder, tmp_path), "train")
+
+
+def test_images_of_another_size_are_named(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    write_image_folder(tmp_path / "odd", per_class=1, size=16)
+    odd = folder / "train" / "blue" / "0009.png"
+    (tmp_path / "odd" / "train" / "blue" / "0000.png").rename(odd)
+    with pytest.raises(InputError, match=f"{odd} is 16x16"):
+        load_images(settings(folder, tmp_path), "train")
+
+
+def test_a_validation_set_as_large_as_the_data_is_refused(image_folder, tmp_path):
+    with pytest.raises(InputError, match="leaves no training images"):
+        load_splits(settings(image_folder, tmp_path, val_size=90))

@@ -1,0 +1,84 @@
+"""The convnet factory: three styles, one function."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables.config import TrialConfig
+from trainables.model import build_model, build_optimizer, initial_parameters
+
+INPUT_SHAPE = (3, 32, 32)
+STYLES = ("barebones", "module", "sequential")
+
+
+def config_for(style: str, **overrides) -> TrialConfig:
+    optimizer = "sgd" if style == "barebones" else "nesterov"
+    return TrialConfig(model=style, optimizer=optimizer, **overrides)
+
+
+def test_the_three_styles_compute_the_same_function_from_the_same_seed():
+    images = torch.randn(8, *INPUT_SHAPE)
+    outputs = [build_model(config_for(style), INPUT_SHAPE, 10, seed=3)(images) for style in STYLES]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0])
+
+
+def test_different_seeds_give_different_weights():
+    first = build_model(config_for("module"), INPUT_SHAPE, 10, seed=1).state_dict()
+    second = build_model(config_for("module"), INPUT_SHAPE, 10, seed=2).state_dict()
+    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+
+
+def test_weights_are_kaiming_normal_and_biases_zero():
+    config = TrialConfig(channel_1=64, channel_2=32)
+    parameters = initial_parameters(config, INPUT_SHAPE, 10, seed=0)
+    for layer in ("conv1", "conv2", "fc"):
+        weight = parameters[f"{layer}.weight"]
+        expected_std = math.sqrt(2.0 / math.prod(weight.shape[1:]))
+        assert weight.std().item() == pytest.approx(expected_std, rel=0.05)
+        assert weight.mean().item() == pytest.approx(0.0, abs=expected_std * 0.05)
+        assert torch.count_nonzero(parameters[f"{layer}.bias"]) == 0
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize(("kernel_1", "kernel_2", "shape"), [(5, 3, (3, 32, 32)), (3, 7, (1, 28, 20))])
+def test_padding_keeps_the_spatial_size_for_any_odd_kernel_and_input_shape(style, kernel_1, kernel_2, shape):
+    config = config_for(style, kernel_1=kernel_1, kernel_2=kernel_2, channel_1=8, channel_2=4)
+    model = build_model(config, shape, num_classes=7)
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_the_hand_written_sgd_step_matches_torch_sgd():
+    images, labels = torch.randn(16, *INPUT_SHAPE), torch.randint(0, 10, (16,))
+    settings = {"lr": 0.05, "weight_decay": 0.01}
+    barebones = build_model(TrialConfig(model="barebones", optimizer="sgd", **settings), INPUT_SHAPE, 10)
+    module = build_model(TrialConfig(model="module", optimizer="sgd", **settings), INPUT_SHAPE, 10)
+    for model, config in ((barebones, "barebones"), (module, "module")):
+        optimizer = build_optimizer(model, TrialConfig(model=config, optimizer="sgd", **settings))
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(barebones.state_dict()[name], value)
+
+
+def test_a_state_dict_moves_between_styles():
+    sequential = build_model(config_for("sequential"), INPUT_SHAPE, 10, seed=5)
+    barebones = build_model(config_for("barebones"), INPUT_SHAPE, 10, seed=6)
+    barebones.load_state_dict(sequential.state_dict())
+    images = torch.randn(4, *INPUT_SHAPE)
+    torch.testing.assert_close(barebones(images), sequential(images))
+
+
+def test_nesterov_uses_momentum_and_plain_sgd_does_not():
+    nesterov = build_optimizer(
+        build_model(config_for("sequential"), INPUT_SHAPE, 10), config_for("sequential")
+    )
+    plain_config = TrialConfig(model="module", optimizer="sgd")
+    plain = build_optimizer(build_model(plain_config, INPUT_SHAPE, 10), plain_config)
+    assert nesterov.param_groups[0]["nesterov"] and nesterov.param_groups[0]["momentum"] == 0.5
+    assert plain.param_groups[0]["momentum"] == 0

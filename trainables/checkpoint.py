@@ -1,0 +1,113 @@
+"""Checkpoints plain PyTorch can read: tensors in checkpoint.pt, the recipe in model.json.
+
+checkpoint.pt holds only tensors and numbers, so `torch.load(..., weights_only=True)`
+reads it; model.json holds what rebuilds the model (config, input shape,
+classes, normalization). Loading never unpickles code and checks every tensor
+shape against the model the recipe builds.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainables.config import TrialConfig
+from trainables.errors import InputError, first_line
+from trainables.model import ConvNet, Optimizer, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A trial's config plus what the data fixed: enough to rebuild and feed the model."""
+
+    config: TrialConfig
+    input_shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def build(self, seed: int = 0, device: torch.device | str = "cpu") -> ConvNet:
+        return build_model(self.config, self.input_shape, self.num_classes, seed, device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "input_shape": list(self.input_shape),
+            "classes": list(self.classes),
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        try:
+            return cls(
+                config=TrialConfig.from_dict(values["config"]),
+                input_shape=tuple(int(size) for size in values["input_shape"]),  # type: ignore[arg-type]
+                classes=tuple(str(name) for name in values["classes"]),
+                mean=tuple(float(v) for v in values["normalization"]["mean"]),
+                std=tuple(float(v) for v in values["normalization"]["std"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise InputError(f"model description is incomplete or malformed: {error!r}") from None
+
+
+def save_checkpoint(
+    directory: Path, spec: ModelSpec, model: ConvNet, optimizer: Optimizer, epoch: int
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+    torch.save(state, directory / CHECKPOINT_FILE)
+    (directory / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+
+
+@dataclass
+class LoadedCheckpoint:
+    spec: ModelSpec
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    epoch: int
+
+
+def load_checkpoint(directory: Path) -> LoadedCheckpoint:
+    """Reads a checkpoint safely: tensors only, shapes checked against its own model.json."""
+    try:
+        spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {directory / SPEC_FILE}: {error}") from None
+    path = directory / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"refusing {path}: it holds more than tensors ({first_line(error)})") from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise InputError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
+        raise InputError(f"{path} is not a checkpoint of this project")
+    check_shapes(state["model"], spec)
+    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(state["epoch"]))
+
+
+def check_shapes(model_state: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    expected = {name: tuple(t.shape) for name, t in spec.build().state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in model_state.items()}
+    if set(found) != set(expected):
+        raise InputError(f"checkpoint tensors {sorted(found)} do not match the model's {sorted(expected)}")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise InputError(
+                f"checkpoint tensor {name} has shape {list(found[name])}, but its config builds {list(shape)}"
+            )

@@ -1,0 +1,222 @@
+"""Images in, uint8 tensors out: CIFAR-10 through torchvision, or any ImageFolder tree.
+
+A folder is decoded once and cached as a tensor file under the data root, keyed
+by the folder's file list, so later runs skip the JPEG decoding. The split into
+train and validation is stratified and seeded; normalization statistics come
+from the training images alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from trainables.errors import InputError
+
+CIFAR10 = "cifar10"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the images come from and how they are split."""
+
+    source: str = CIFAR10  # "cifar10", or a folder holding train/<class>/* (and test/<class>/*)
+    root: str = "data"  # where CIFAR-10 is downloaded and decoded folders are cached
+    val_size: int = 1000  # validation images held out of the training split
+    max_train_images: int | None = None  # train on fewer images, for quick runs
+    seed: int = 0  # fixes the split
+
+    def __post_init__(self) -> None:
+        if self.val_size < 1:
+            raise InputError(f"--val-size must be >= 1, got {self.val_size}")
+        if self.max_train_images is not None and self.max_train_images < 1:
+            raise InputError(f"--max-train-images must be >= 1, got {self.max_train_images}")
+
+
+@dataclass
+class LabeledImages:
+    images: Tensor  # uint8, N x C x H x W
+    labels: Tensor  # int64, N
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageSplits:
+    """What every trial trains and validates on, loaded once by the driver."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale, from the training images
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.train_images.shape[1:]
+        return channels, height, width
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_splits(settings: DataSettings) -> ImageSplits:
+    """The training images split into train and validation, with their normalization."""
+    dataset = load_images(settings, "train")
+    val_index, train_index = split_indices(dataset.labels, settings)
+    train_images = dataset.images[train_index]
+    mean, std = channel_statistics(train_images)
+    return ImageSplits(
+        train_images=train_images,
+        train_labels=dataset.labels[train_index],
+        val_images=dataset.images[val_index],
+        val_labels=dataset.labels[val_index],
+        classes=dataset.classes,
+        mean=mean,
+        std=std,
+    )
+
+
+def split_indices(labels: Tensor, settings: DataSettings) -> tuple[Tensor, Tensor]:
+    """Indices of the validation images and of the training images, as the settings pick them."""
+    if settings.val_size >= len(labels):
+        raise InputError(f"--val-size {settings.val_size} leaves no training images out of {len(labels)}")
+    val_index, train_index = stratified_split(labels, settings.val_size, settings.seed)
+    if settings.max_train_images is not None and settings.max_train_images < len(train_index):
+        kept, _ = stratified_split(labels[train_index], settings.max_train_images, settings.seed + 1)
+        train_index = train_index[kept]
+    return val_index, train_index
+
+
+def load_images(settings: DataSettings, split: str) -> LabeledImages:
+    """All images of one split ("train" or "test") as uint8 tensors."""
+    if settings.source == CIFAR10:
+        return _load_cifar10(Path(settings.root), split)
+    folder = Path(settings.source) / split
+    if not Path(settings.source).is_dir():
+        raise InputError(f"data folder not found: {settings.source}")
+    if not folder.is_dir():
+        raise InputError(f"no {split}/ folder in {settings.source} (expected {split}/<class>/<image>)")
+    return _load_folder_cached(folder, Path(settings.root))
+
+
+def stratified_split(labels: Tensor, first_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices of a seeded sample of first_size images with each class in proportion, and the rest.
+
+    Each class gives floor(share) images, and the leftover places go to the
+    classes with the largest fractional shares, so the sizes add up exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels).double()
+    shares = first_size * counts / counts.sum()
+    quotas = shares.floor().long()
+    leftover = first_size - int(quotas.sum())
+    quotas[torch.argsort(shares - shares.floor(), descending=True, stable=True)[:leftover]] += 1
+    first, rest = [], []
+    for label, quota in enumerate(quotas.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        first.append(members[:quota])
+        rest.append(members[quota:])
+    return torch.cat(first), torch.cat(rest)
+
+
+def channel_statistics(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation on the 0..1 scale, exactly.
+
+    A histogram of each channel's 256 byte values gives the exact sums of values
+    and of squares in one pass over the bytes, with no float copy of the images.
+    """
+    per_channel = images.transpose(0, 1).reshape(images.shape[1], -1)
+    counts = torch.stack([torch.bincount(channel, minlength=256) for channel in per_channel]).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = per_channel.shape[1]
+    mean = counts @ values / count
+    variance = counts @ values.square() / count - mean.square()
+    return tuple(mean.tolist()), tuple(variance.clamp_min(1e-12).sqrt().tolist())
+
+
+def _load_cifar10(root: Path, split: str) -> LabeledImages:
+    from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10  # heavy import, only when used
+
+    try:
+        dataset = TorchvisionCIFAR10(str(root), train=split == "train", download=True)
+    except (OSError, RuntimeError) as error:
+        raise InputError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({error}); "
+            "pass --data PATH to an image folder instead"
+        ) from None
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+    return LabeledImages(images, torch.tensor(dataset.targets), tuple(dataset.classes))
+
+
+def _load_folder_cached(folder: Path, root: Path) -> LabeledImages:
+    classes = tuple(sorted(entry.name for entry in folder.iterdir() if entry.is_dir()))
+    files = [
+        (label, path)
+        for label, name in enumerate(classes)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise InputError(f"no images in {folder} (expected {folder}/<class>/<image>)")
+    if len({label for label, _ in files}) < 2:
+        raise InputError(f"{folder} holds images of one class only; need at least two")
+
+    cache = root / "cache" / f"{folder.parent.name}-{folder.name}-{_fingerprint(folder, files)}.pt"
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True, mmap=True)  # pages in only what the split takes
+        return LabeledImages(saved["images"], saved["labels"], tuple(saved["classes"]))
+
+    dataset = LabeledImages(
+        _decode_all([path for _, path in files]), torch.tensor([label for label, _ in files]), classes
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial")
+    torch.save({"images": dataset.images, "labels": dataset.labels, "classes": list(classes)}, partial)
+    partial.replace(cache)  # atomic, so a crash never leaves a half-written cache
+    return dataset
+
+
+def _fingerprint(folder: Path, files: list[tuple[int, Path]]) -> str:
+    """Changes when the folder moves, or any file is added, removed, renamed, resized or touched."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())  # resolved once: per file it costs seconds
+    for label, path in files:
+        stat = path.stat()
+        digest.update(f"{label}\0{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_all(paths: list[Path]) -> Tensor:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(_decode, paths, chunksize=256))
+    shape = arrays[0].shape
+    for path, array in zip(paths, arrays, strict=True):
+        if array.shape != shape:
+            raise InputError(
+                f"{path} is {array.shape[1]}x{array.shape[0]}, but {paths[0]} is "
+                f"{shape[1]}x{shape[0]}: all images must have one size"
+            )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
