@@ -1,0 +1,130 @@
+"""best.json: a sweep's best trial, self-describing, written by export and read by retrain."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainables.checkpoint import ModelSpec
+from trainables.config import METRIC, TrialConfig
+from trainables.data import DataSettings
+from trainables.errors import InputError
+
+SCHEMA_VERSION = 1
+
+# How the flat TrialConfig is grouped in the file; together the groups name every field once.
+MODEL_FIELDS = ("model", "channel_1", "channel_2", "kernel_1", "kernel_2")
+OPTIMIZER_FIELDS = ("optimizer", "lr", "weight_decay", "momentum")
+TRAINING_FIELDS = ("batch_size",)
+assert sorted(MODEL_FIELDS + OPTIMIZER_FIELDS + TRAINING_FIELDS) == sorted(TrialConfig().to_dict())
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    space: str
+    sweep: str
+    experiment: str
+    spec: ModelSpec  # config, input shape, classes, normalization
+    epochs: int  # what the trial trained for at most
+    seed: int
+    data: DataSettings
+    val_acc: float
+    tracking_uri: str
+    run_id: str
+    parent_run_id: str
+    checkpoint_uri: str
+
+    def to_json(self) -> dict[str, Any]:
+        config = self.spec.config.to_dict()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "space": self.space,
+            "sweep": self.sweep,
+            "experiment": self.experiment,
+            "model": {
+                **{name: config[name] for name in MODEL_FIELDS},
+                "input_shape": list(self.spec.input_shape),
+                "classes": list(self.spec.classes),
+            },
+            "optimizer": {name: config[name] for name in OPTIMIZER_FIELDS},
+            "training": {
+                **{name: config[name] for name in TRAINING_FIELDS},
+                "epochs": self.epochs,
+                "seed": self.seed,
+            },
+            "data": {
+                **asdict(self.data),
+                "normalization": {"mean": list(self.spec.mean), "std": list(self.spec.std)},
+            },
+            METRIC: self.val_acc,
+            "mlflow": {
+                "tracking_uri": self.tracking_uri,
+                "run_id": self.run_id,
+                "parent_run_id": self.parent_run_id,
+                "checkpoint_uri": self.checkpoint_uri,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> BestTrial:
+        version = values.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                f"schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
+            )
+        try:
+            model, optimizer, training = values["model"], values["optimizer"], values["training"]
+            config = {name: model[name] for name in MODEL_FIELDS}
+            config.update({name: optimizer[name] for name in OPTIMIZER_FIELDS})
+            config.update({name: training[name] for name in TRAINING_FIELDS})
+            data = dict(values["data"])
+            normalization = data.pop("normalization")
+            spec = ModelSpec.from_dict(
+                {
+                    "config": config,
+                    "input_shape": model["input_shape"],
+                    "classes": model["classes"],
+                    "normalization": normalization,
+                }
+            )
+            return cls(
+                space=str(values["space"]),
+                sweep=str(values["sweep"]),
+                experiment=str(values["experiment"]),
+                spec=spec,
+                epochs=int(training["epochs"]),
+                seed=int(training["seed"]),
+                data=DataSettings(**data),
+                val_acc=float(values[METRIC]),
+                tracking_uri=str(values["mlflow"]["tracking_uri"]),
+                run_id=str(values["mlflow"]["run_id"]),
+                parent_run_id=str(values["mlflow"]["parent_run_id"]),
+                checkpoint_uri=str(values["mlflow"]["checkpoint_uri"]),
+            )
+        except KeyError as error:
+            raise InputError(f"missing key {error.args[0]!r}") from None
+        except TypeError as error:
+            raise InputError(f"malformed value: {error}") from None
+
+
+def write_best(best: BestTrial, path: Path) -> None:
+    path.write_text(json.dumps(best.to_json(), indent=2) + "\n")
+
+
+def read_best(path: Path) -> BestTrial:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path} does not hold a JSON object")
+    try:
+        return BestTrial.from_json(values)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None

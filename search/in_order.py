@@ -1,0 +1,72 @@
+"""A searcher wrapper that makes parallel sweeps reproducible from their seed.
+
+With trials running in parallel, a model-based sampler such as TPE proposes each
+trial from whichever trials happen to have finished: timing decides the configs.
+`InOrderSearcher` removes the timing. The searcher it wraps hears of finished
+trials strictly in the order it proposed them, and proposes trial k only when
+trials 0 .. k - window have finished, telling it exactly those. So trial k is
+always proposed from the same finished trials (and the same running ones), and
+the same seed gives the same configs.
+
+The cost: with `window` trials at once, trial k waits for trial k - window even
+when a later one has finished. For trials of similar length that wait is short.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ray.tune.search import Searcher
+
+
+class InOrderSearcher(Searcher):
+    def __init__(self, searcher: Searcher, window: int, num_samples: int) -> None:
+        self.searcher = searcher
+        self.window = window  # trials that can run at once
+        self.num_samples = num_samples
+        self.proposed: list[str] = []  # trial ids, in the order they were proposed
+        self.finished: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told
+        self.told = 0  # proposed[:told] have been told to the wrapped searcher
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        must_know = len(self.proposed) - self.window + 1  # trials 0 .. k - window, for trial k
+        self._tell_up_to(must_know)
+        if self.told < must_know:
+            return None  # Tune asks again once a trial finishes
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.proposed.append(trial_id)
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.finished[trial_id] = (result, error)
+        if len(self.proposed) >= self.num_samples:  # nothing more to propose: tell all, in order
+            self._tell_up_to(len(self.proposed))
+
+    def _tell_up_to(self, count: int) -> None:
+        while self.told < count and self.proposed[self.told] in self.finished:
+            trial_id = self.proposed[self.told]
+            result, error = self.finished.pop(trial_id)
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            self.told += 1
+
+    # Tune saves a wrapper's own state with get_state, and the wrapped searcher on its own.
+    def get_state(self) -> dict:
+        return copy.deepcopy({key: value for key, value in self.__dict__.items() if key != "searcher"})
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

@@ -1,0 +1,155 @@
+"""`python -m search.run --space NAME`: sweep a search space and record it in MLflow."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from search.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_TRIALS_FAILED,
+    EXIT_TRACKING_FAILED,
+    OneLineParser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
+from search.sweep import SCHEDULERS, SweepOutcome, SweepSettings, run_sweep
+from search.tracking import TRACKING_ERRORS
+from spaces import space_names
+from trainables.data import CIFAR10, DataSettings
+
+PROG = "search.run"
+
+
+def parse_settings(argv: list[str] | None = None) -> SweepSettings:
+    parser = OneLineParser(prog=PROG, description=__doc__)
+    parser.add_argument("--space", required=True, help=f"search space: {', '.join(space_names())}")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=CIFAR10, help="'cifar10', or a folder holding train/<class>/<image>")
+    data.add_argument("--data-root", default="data", help="download and cache folder (default: ./data)")
+    data.add_argument("--val-size", type=positive_int, default=1000, help="validation images (default: 1000)")
+    data.add_argument("--max-train-images", type=positive_int, help="train on fewer images, for quick runs")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--epochs", type=positive_int, default=1, help="most epochs a trial gets (default: 1)")
+    sweep.add_argument("--num-samples", type=positive_int, default=8, help="trials (default: 8)")
+    sweep.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
+    sweep.add_argument("--seed", type=non_negative_int, default=0)
+    sweep.add_argument("--max-failures", type=non_negative_int, default=0, help="retries of a crashed trial")
+    resources = parser.add_argument_group("resources")
+    resources.add_argument(
+        "--gpus-per-trial",
+        type=non_negative_float,
+        help="fractions share a GPU (default: 0.25 with a GPU, else 0)",
+    )
+    resources.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
+    resources.add_argument(
+        "--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)"
+    )
+    resources.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    where = parser.add_argument_group("where results go")
+    where.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    where.add_argument("--experiment", help="MLflow experiment (default: cifar10-<space>)")
+    where.add_argument("--storage-path", default="~/ray_results", help="Tune's results and checkpoints")
+    where.add_argument("--name", help="sweep name (default: <space>-<timestamp>)")
+    where.add_argument("--resume", action="store_true", help="continue the sweep named by --name")
+    args = parser.parse_args(argv)
+    return SweepSettings(
+        space=args.space,
+        data=DataSettings(
+            source=args.data,
+            root=args.data_root,
+            val_size=args.val_size,
+            max_train_images=args.max_train_images,
+            seed=args.seed,
+        ),
+        epochs=args.epochs,
+        num_samples=args.num_samples,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        storage_path=args.storage_path,
+        name=args.name,
+        resume=args.resume,
+        address=args.address,
+    )
+
+
+def print_summary(outcome: SweepOutcome) -> None:
+    counts = ", ".join(
+        f"{count} {status.lower()}" for status, count in sorted(outcome.trial_statuses.items())
+    )
+    diverged = f", {outcome.diverged} of them diverged" if outcome.diverged else ""
+    print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
+    for run_name, error in outcome.failures.items():
+        print(f"  failed: {run_name}: {error}")
+    if outcome.best_accuracy is None:
+        print("No trial finished an epoch.")
+    else:
+        print(f"Best {outcome.best_accuracy:.4f} validation accuracy, MLflow run {outcome.best_run_id}")
+        print("Best config: " + ", ".join(f"{k}={v}" for k, v in sorted(outcome.best_config.items())))
+    print(
+        f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, "
+        f"store {outcome.tracking_uri}"
+    )
+    print(f"  browse:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(
+        f"  export:  python -m search.export --experiment {outcome.experiment} "
+        f"--tracking-uri {outcome.tracking_uri} --sweep {outcome.sweep} --out best.json"
+    )
+
+
+def resume_command(argv: list[str], sweep: str) -> str:
+    """The command that continues this sweep: the same arguments, with its name and --resume."""
+    args = list(argv)
+    if "--name" not in args and not any(arg.startswith("--name=") for arg in args):
+        args += ["--name", sweep]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "search.run", *args])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse_settings(argv)
+    try:
+        outcome = run_sweep(settings)
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once
+        print_interrupted(argv, settings.sweep_name)
+        return EXIT_INTERRUPTED
+    except TRACKING_ERRORS as error:  # training is done and kept; MLflow is what failed
+        kept = f"the results are kept in {settings.sweep_path}"
+        print(
+            f"{PROG}: error: MLflow failed at the end ({type(error).__name__}); {kept}. "
+            f"Once MLflow is back, write them with:\n  {resume_command(argv, settings.sweep_name)}",
+            file=sys.stderr,
+        )
+        return EXIT_TRACKING_FAILED
+    print_summary(outcome)
+    if outcome.interrupted:
+        print_interrupted(argv, outcome.sweep)
+    return exit_code(outcome)
+
+
+def print_interrupted(argv: list[str], sweep: str) -> None:
+    """The resume command goes last, on its own line, so it is easy to copy."""
+    print(f"\nInterrupted. Resume with:\n  {resume_command(argv, sweep)}", file=sys.stderr)
+
+
+def exit_code(outcome: SweepOutcome) -> int:
+    """0 when every trial finished (diverged ones too), 1 when some failed, 130 when interrupted."""
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_TRIALS_FAILED if outcome.failures else EXIT_OK
+
+
+if __name__ == "__main__":
+    run_command(PROG, lambda: main(sys.argv[1:]))

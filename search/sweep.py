@@ -1,0 +1,288 @@
+"""One sweep: data loaded once, Optuna proposes, ASHA prunes, Tune runs, MLflow records.
+
+`run_sweep` is what `python -m search.run` calls, and what tests call with a
+shrunken `SweepSettings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.in_order import InOrderSearcher
+from search.tracking import (
+    BEST_METRIC,
+    ERROR_TAG,
+    SweepTracker,
+    WritesPending,
+    best_child_run,
+    check_reachable,
+    check_tracking_uri,
+    child_runs,
+    default_tracking_uri,
+    get_or_create_experiment,
+    start_sweep_run,
+)
+from spaces import SearchSpace, get_space
+from trainables.config import METRIC, MODE
+from trainables.data import DataSettings, ImageSplits, load_splits
+from trainables.errors import InputError
+from trainables.trainable import DIVERGED, TrialSettings, train_convnet
+
+# A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
+# after kill -9 continue trials from their latest epoch. Tune warns about it each time.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # a trial's own lines, each with its trial's name
+
+SCHEDULERS = ("asha", "fifo")
+GPUS_PER_TRIAL_WHEN_PRESENT = 0.25  # a trial of this model uses a small part of a modern GPU
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Every option of `search.run`, validated; the CLI builds one from its arguments."""
+
+    space: str
+    data: DataSettings = field(default_factory=DataSettings)
+    epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
+    num_samples: int = 8
+    scheduler: str = "asha"
+    seed: int = 0
+    gpus_per_trial: float | None = None  # None: GPUS_PER_TRIAL_WHEN_PRESENT if the cluster has GPUs
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None  # None: as many as the resources allow
+    max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
+    tracking_uri: str | None = None  # None: MLflow's default
+    experiment: str | None = None  # None: "cifar10-<space>"
+    storage_path: str = "~/ray_results"
+    name: str | None = None  # None: "<space>-<timestamp>"
+    resume: bool = False
+    address: str | None = None  # an existing Ray cluster; None: a local one
+
+    def __post_init__(self) -> None:
+        get_space(self.space)  # an unknown name fails here, with the known ones
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
+            (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
+            (self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}"),
+            (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
+            (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
+            (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        if self.tracking_uri is not None:
+            check_tracking_uri(self.tracking_uri)
+        if self.name is None:  # fixed once, so every reader sees the same name
+            object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"cifar10-{self.space}"
+
+    @property
+    def sweep_path(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.sweep_name
+
+    @property
+    def journal_path(self) -> Path:
+        """MLflow writes that wait while MLflow fails: written later, or by --resume."""
+        return self.sweep_path / "mlflow-pending.json"
+
+    @property
+    def sweep_name(self) -> str:
+        assert self.name is not None  # set in __post_init__
+        return self.name
+
+
+@dataclass
+class SweepOutcome:
+    sweep: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    best_run_id: str | None
+    best_accuracy: float | None
+    best_config: dict[str, Any]
+    trial_statuses: dict[str, int]
+    interrupted: bool  # stopped by Ctrl-C before every trial ended
+    failures: dict[str, str]  # run name -> the last line of its error
+    diverged: int  # trials stopped because their loss stopped being finite
+
+
+# A function trainable with train_convnet's signature and contract (reports METRIC per epoch).
+Trainable = Callable[[dict[str, Any], ImageSplits, TrialSettings], None]
+
+
+def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> SweepOutcome:
+    space = get_space(settings.space)
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
+    if settings.resume and not tune.Tuner.can_restore(str(settings.sweep_path)):
+        raise InputError(f"no sweep named {settings.sweep_name} in {settings.sweep_path.parent}")
+
+    check_reachable(tracking_uri)
+    splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
+    started_ray = _start_ray(settings.address)
+    try:
+        return _sweep(settings, space, tracking_uri, splits, trainable)
+    finally:
+        if started_ray:  # also flushes the workers' last log lines before the summary is printed
+            ray.shutdown()
+
+
+def _sweep(
+    settings: SweepSettings, space: SearchSpace, tracking_uri: str, splits: ImageSplits, trainable: Trainable
+) -> SweepOutcome:
+    gpus_per_trial = settings.gpus_per_trial
+    if gpus_per_trial is None:
+        gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, settings.experiment_name)
+    parent_run_id = start_sweep_run(
+        client, experiment_id, settings.sweep_name, space.name, _sweep_params(settings, gpus_per_trial)
+    )
+
+    resourced = tune.with_resources(
+        tune.with_parameters(
+            trainable,
+            splits=splits,
+            settings=TrialSettings(max_epochs=settings.epochs, seed=settings.seed),
+        ),
+        {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
+    )
+    trials_at_once = _trials_at_once(settings, gpus_per_trial)
+    if settings.resume:
+        tuner = tune.Tuner.restore(str(settings.sweep_path), resourced, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            resourced,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=_searcher(space, settings, trials_at_once),
+                scheduler=_scheduler(settings),
+                num_samples=settings.num_samples,
+                # Also lets Tune start that many trials at once: with a searcher it would
+                # otherwise start one, wait for it to run, then start the next.
+                max_concurrent_trials=trials_at_once,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.sweep_name,
+                storage_path=str(settings.sweep_path.parent),
+                callbacks=[
+                    SweepTracker(
+                        tracking_uri,
+                        parent_run_id,
+                        settings.num_samples,
+                        settings.epochs,
+                        settings.journal_path,
+                    )
+                ],
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1,  # the best; Tune also keeps the latest, for resuming
+                    checkpoint_score_attribute=METRIC,
+                    checkpoint_score_order=MODE,
+                ),
+                verbose=1,
+            ),
+        )
+    tuner.fit()
+    if settings.journal_path.exists():
+        raise WritesPending(f"MLflow writes wait in {settings.journal_path}")
+    return _outcome(client, settings, tracking_uri, parent_run_id)
+
+
+def _searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) -> InOrderSearcher:
+    sampler = optuna.samplers.TPESampler(
+        seed=settings.seed,
+        # Random warm-up in proportion to the budget: Optuna's fixed 10 would leave an
+        # 8-trial sweep entirely random.
+        n_startup_trials=min(10, max(2, settings.num_samples // 3)),
+        multivariate=True,  # widths and weight decay interact: model them jointly
+        constant_liar=True,  # parallel trials: do not propose the same point twice
+    )
+    optuna_search = OptunaSearch(
+        space=space.define, metric=METRIC, mode=MODE, points_to_evaluate=[space.first_point], sampler=sampler
+    )
+    # The same seed gives the same configs, however the parallel trials' timing falls.
+    return InOrderSearcher(optuna_search, window=trials_at_once, num_samples=settings.num_samples)
+
+
+def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
+    """How many trials the cluster runs side by side, as the resources and --max-concurrent allow."""
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // settings.cpus_per_trial)
+    if gpus_per_trial > 0:
+        fits = min(fits, int(resources.get("GPU", 0) // gpus_per_trial))
+    if settings.max_concurrent is not None:
+        fits = min(fits, settings.max_concurrent)
+    return max(1, min(fits, settings.num_samples))
+
+
+def _scheduler(settings: SweepSettings) -> TrialScheduler:
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    # Rungs count epochs, the unit trials report in.
+    return ASHAScheduler(time_attr="epoch", max_t=settings.epochs, grace_period=1, reduction_factor=3)
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connects to Ray unless this process already is; says whether it did."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _sweep_params(settings: SweepSettings, gpus_per_trial: float) -> dict[str, Any]:
+    params = {key: value for key, value in asdict(settings).items() if key not in {"data", "resume"}}
+    params.update({f"data_{key}": value for key, value in asdict(settings.data).items()})
+    params["gpus_per_trial"] = gpus_per_trial
+    return params
+
+
+def _outcome(
+    client: MlflowClient, settings: SweepSettings, tracking_uri: str, parent_run_id: str
+) -> SweepOutcome:
+    """The summary, read back from MLflow: what the user will see there is what we print."""
+    parent = client.get_run(parent_run_id)
+    children = child_runs(client, parent)
+    best = best_child_run(children)
+    statuses: dict[str, int] = {}
+    for run in children:
+        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
+    return SweepOutcome(
+        sweep=settings.sweep_name,
+        experiment=settings.experiment_name,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        best_run_id=best.info.run_id if best else None,
+        best_accuracy=best.data.metrics[BEST_METRIC] if best else None,
+        best_config=dict(best.data.params) if best else {},
+        trial_statuses=statuses,
+        interrupted=parent.info.status == "KILLED",
+        failures={
+            run.info.run_name: (run.data.tags.get(ERROR_TAG, "").strip().splitlines() or ["?"])[-1]
+            for run in children
+            if run.info.status == "FAILED"
+        },
+        diverged=sum(run.data.tags.get(DIVERGED) == "true" for run in children),
+    )

@@ -1,0 +1,215 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--space", "adam"], "unknown space 'adam'; known spaces: barebones, nesterov, sgd"),
+        (["--space", "nesterov", "--data", "no/such/folder"], "data folder not found: no/such/folder"),
+        (["--space", "nesterov", "--epochs", "0"], "argument --epochs: 0 must be >= 1"),
+        (
+            ["--space", "nesterov", "--num-samples", "many"],
+            "argument --num-samples: 'many' is not a whole number",
+        ),
+        (["--space", "nesterov", "--gpus-per-trial", "-0.5"], "argument --gpus-per-trial: -0.5 must be >= 0"),
+        (["--space", "nesterov", "--cpus-per-trial", "0"], "argument --cpus-per-trial: 0 must be > 0"),
+        (["--space", "nesterov", "--cpus-per-trial", "nan"], "argument --cpus-per-trial: nan must be > 0"),
+        (["--space", "nesterov", "--val-size", "1.5"], "argument --val-size: '1.5' is not a whole number"),
+        (["--space", "nesterov", "--max-failures", "-1"], "argument --max-failures: -1 must be >= 0"),
+        (["--space", "nesterov", "--max-concurrent", "0"], "argument --max-concurrent: 0 must be >= 1"),
+        (["--space", "nesterov", "--max-train-images", "0"], "argument --max-train-images: 0 must be >= 1"),
+        (["--space", "nesterov", "--seed", "-3"], "argument --seed: -3 must be >= 0"),
+        (["--space", "nesterov", "--seed", "x"], "argument --seed: 'x' is not a whole number"),
+        (["--space", "nesterov", "--gpus-per-trial", "inf"], "argument --gpus-per-trial: inf must be >= 0"),
+        (["--space", "nesterov", "--scheduler", "pbt"], "argument --scheduler: invalid choice: 'pbt'"),
+        (["--space", "nesterov", "--tracking-uri", "ftp://host/x"], "unknown tracking URI scheme 'ftp'"),
+        (["--space", "nesterov", "--resume"], "--resume needs the --name of the sweep to resume"),
+        (
+            ["--space", "nesterov", "--resume", "--name", "ghost", "--storage-path", "."],
+            "no sweep named ghost",
+        ),
+        ([], "the following arguments are required: --space"),
+        (["--space", "sgd", "--tracking-uri", "sqlite:///no/such/dir/m.db"], "folder"),
+    ],
+)
+def test_search_run_refuses(args, message, tmp_path):
+    result = run_command("search.run", *args, cwd=tmp_path)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []  # no MLflow store, no results folder, no cache
+
+
+def test_an_unreachable_tracking_server_fails_within_ten_seconds_naming_it(tmp_path):
+    with socket.socket() as listener:  # a port that nothing listens on once this closes
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    result = run_command("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
+    assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable")
+    # the interpreter's imports take a few seconds of that; the check itself, under one
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_blackholed_tracking_server_times_out_within_ten_seconds(tmp_path):
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_command("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable (ReadTimeout)")
+    assert elapsed < 10  # a 3 s timeout, plus the interpreter's start
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "no train/ folder in"),
+        ({"train/cat": 0}, "no images in"),
+        ({"train/cat": 3}, "holds images of one class only"),
+    ],
+)
+def test_an_unusable_image_folder_is_refused(layout, message, tmp_path):
+    from conftest import write_image_folder
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path, count in layout.items():
+        (folder / path).mkdir(parents=True)
+        source = write_image_folder(tmp_path / "source", per_class=max(count, 1))
+        for image in sorted((source / "train" / "red").iterdir())[:count]:
+            image.rename(folder / path / image.name)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    result = run_command("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
+    assert_one_line_error(result, message)
+    assert list(workdir.iterdir()) == []
+
+
+def test_an_image_folder_with_a_broken_image_names_the_file(tmp_path):
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    broken = folder / "train" / "red" / "0002.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    result = run_command("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
+    assert_one_line_error(result, f"cannot read image {broken}")
+    assert list(workdir.iterdir()) == []
+
+
+VALID_BEST = {
+    "schema_version": 1,
+    "space": "nesterov",
+    "sweep": "s",
+    "experiment": "e",
+    "model": {
+        "model": "sequential",
+        "channel_1": 32,
+        "channel_2": 16,
+        "kernel_1": 5,
+        "kernel_2": 3,
+        "input_shape": [3, 32, 32],
+        "classes": ["a", "b"],
+    },
+    "optimizer": {"optimizer": "nesterov", "lr": 0.01, "weight_decay": 0.0001, "momentum": 0.5},
+    "training": {"batch_size": 64, "epochs": 1, "seed": 0},
+    "data": {
+        "source": "no/such/folder",
+        "root": "data",
+        "val_size": 10,
+        "max_train_images": None,
+        "seed": 0,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]},
+    },
+    "val_acc": 0.5,
+    "mlflow": {
+        "tracking_uri": "sqlite:///x.db",
+        "run_id": "r",
+        "parent_run_id": "p",
+        "checkpoint_uri": "runs:/r/c",
+    },
+}
+
+
+def without(values: dict, *path: str) -> dict:
+    copy = json.loads(json.dumps(values))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps(VALID_BEST)[:200], "is not valid JSON"),
+        (json.dumps({**VALID_BEST, "schema_version": 2}), "schema_version 2 is not supported"),
+        (json.dumps(without(VALID_BEST, "optimizer", "lr")), "missing key 'lr'"),
+        (json.dumps(without(VALID_BEST, "training")), "missing key 'training'"),
+        (json.dumps({**VALID_BEST, "optimizer": {**VALID_BEST["optimizer"], "lr": -1}}), "lr must be > 0"),
+        ("[1, 2]", "does not hold a JSON object"),
+        (json.dumps(VALID_BEST), "data folder not found: no/such/folder"),
+    ],
+)
+def test_search_retrain_refuses_a_bad_best_json(content, message, tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text(content)
+    result = run_command("search.retrain", str(best), cwd=tmp_path)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == [best]
+
+
+def test_search_retrain_refuses_a_missing_file(tmp_path):
+    assert_one_line_error(
+        run_command("search.retrain", "nothing.json", cwd=tmp_path), "nothing.json not found"
+    )
+
+
+def test_search_export_refuses_an_unknown_experiment(tmp_path):
+    store = f"sqlite:///{tmp_path}/m.db"
+    result = run_command(
+        "search.export", "--experiment", "ghost", "--tracking-uri", store, "--out", "b.json", cwd=tmp_path
+    )
+    assert_one_line_error(result, f"no MLflow store at {tmp_path}/m.db")
+    assert list(tmp_path.iterdir()) == []

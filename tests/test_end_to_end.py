@@ -1,0 +1,146 @@
+"""Sweep, export, retrain: a real Ray runtime, real OptunaSearch and ASHA, MLflow on SQLite, real images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from ray.tune.search.optuna import OptunaSearch
+
+from search import export, retrain, run
+from search.tracking import BEST_METRIC, CHECKPOINT_ARTIFACT, TRIAL_TABLE_ARTIFACT
+from spaces import get_space
+from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE, ModelSpec
+from trainables.config import METRIC, TrialConfig
+from trainables.trainable import REPORTED_METRICS
+
+pytestmark = pytest.mark.slow
+
+NUM_SAMPLES = 4
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def sweep(image_folder: Path, tmp_path_factory: pytest.TempPathFactory, ray_runtime) -> dict:
+    workdir = tmp_path_factory.mktemp("sweep")
+    tracking_uri = f"sqlite:///{workdir}/mlflow.db"
+    code = run.main(
+        ["--space", "nesterov", "--data", str(image_folder), "--data-root", str(workdir / "cache")]
+        + ["--val-size", "9", "--num-samples", str(NUM_SAMPLES), "--epochs", str(EPOCHS)]
+        + ["--tracking-uri", tracking_uri, "--storage-path", str(workdir / "ray"), "--name", "e2e"]
+    )
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("cifar10-nesterov")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return {"code": code, "workdir": workdir, "uri": tracking_uri, "client": client, "runs": runs}
+
+
+def parent_and_children(sweep: dict):
+    parents = [r for r in sweep["runs"] if r.data.tags.get("role") == "sweep"]
+    children = [r for r in sweep["runs"] if r.data.tags.get("role") == "trial"]
+    return parents, children
+
+
+def test_the_sweep_exits_zero_with_one_parent_and_a_child_per_trial(sweep):
+    parents, children = parent_and_children(sweep)
+    assert sweep["code"] == 0
+    assert len(parents) == 1 and len(children) == NUM_SAMPLES
+    assert parents[0].info.status == "FINISHED"
+    assert all(child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for child in children)
+    assert all(child.info.status == "FINISHED" for child in children)
+
+
+def test_the_first_trial_is_the_assignments_point(sweep):
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(sweep["workdir"] / "ray" / "e2e"))
+    first = searcher._ot_study.trials[0]  # Optuna's own first trial
+    assert first.params == get_space("nesterov").first_point
+    _, children = parent_and_children(sweep)
+    configs = [TrialConfig.from_params(child.data.params) for child in children]
+    assert TrialConfig() in configs  # the defaults are Part IV's settings
+
+
+def test_each_child_has_its_config_per_epoch_metrics_and_no_junk(sweep):
+    _, children = parent_and_children(sweep)
+    client = sweep["client"]
+    for child in children:
+        assert set(child.data.params) == set(TrialConfig().to_dict())
+        assert set(child.data.metrics) <= {*REPORTED_METRICS, BEST_METRIC}
+        history = client.get_metric_history(child.info.run_id, METRIC)
+        steps = [point.step for point in history]
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= EPOCHS
+        assert child.data.metrics[BEST_METRIC] == max(point.value for point in history)
+
+
+def test_each_best_checkpoint_loads_in_plain_pytorch_and_rebuilds_the_model(sweep, tmp_path):
+    _, children = parent_and_children(sweep)
+    for child in children:
+        local = Path(
+            sweep["client"].download_artifacts(child.info.run_id, CHECKPOINT_ARTIFACT, str(tmp_path))
+        )
+        state = torch.load(local / CHECKPOINT_FILE, weights_only=True)
+        spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
+        model = spec.build()
+        model.load_state_dict(state["model"])
+        assert model(torch.zeros(1, *spec.input_shape)).shape == (1, 3)
+        best_epoch = max(
+            sweep["client"].get_metric_history(child.info.run_id, METRIC), key=lambda p: p.value
+        ).step
+        assert state["epoch"] == best_epoch
+
+
+def test_the_parent_holds_the_best_result_and_the_trial_table(sweep, tmp_path):
+    parents, children = parent_and_children(sweep)
+    parent = parents[0]
+    assert parent.data.metrics[BEST_METRIC] == max(c.data.metrics[BEST_METRIC] for c in children)
+    table_path = sweep["client"].download_artifacts(parent.info.run_id, TRIAL_TABLE_ARTIFACT, str(tmp_path))
+    table = pq.read_table(table_path)
+    assert table.num_rows == NUM_SAMPLES
+    assert set(table.column("status").to_pylist()) == {"FINISHED"}
+
+
+def test_export_then_retrain(sweep, tmp_path):
+    best_path, trials_path, metrics_path = (
+        tmp_path / "best.json",
+        tmp_path / "trials.parquet",
+        tmp_path / "m.json",
+    )
+    code = export.main(
+        ["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(best_path)]
+        + ["--trials", str(trials_path)]
+    )
+    assert code == 0
+    best = json.loads(best_path.read_text())
+    _, children = parent_and_children(sweep)
+    top = max(run.data.metrics[BEST_METRIC] for run in children)
+    winner = min((r for r in children if r.data.metrics[BEST_METRIC] == top), key=lambda r: r.info.start_time)
+    assert best["schema_version"] == 1 and best["space"] == "nesterov" and best["sweep"] == "e2e"
+    assert best[METRIC] == winner.data.metrics[BEST_METRIC]
+    assert best["mlflow"]["run_id"] == winner.info.run_id
+    assert best["mlflow"]["checkpoint_uri"] == f"runs:/{winner.info.run_id}/{CHECKPOINT_ARTIFACT}"
+    assert best["model"]["model"] == "sequential" and best["optimizer"]["optimizer"] == "nesterov"
+    assert len(best["data"]["normalization"]["mean"]) == 3 and best["training"]["epochs"] == EPOCHS
+    assert pq.read_table(trials_path).num_rows == NUM_SAMPLES
+
+    code = retrain.main(
+        [str(best_path), "--epochs", "1", "--register", "e2e-convnet", "--out", str(metrics_path)]
+    )
+    assert code == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and math.isfinite(metrics["test_loss"])
+    client = sweep["client"]
+    retrain_run = client.get_run(metrics["run_id"])
+    assert retrain_run.data.metrics["test_acc"] == metrics["test_acc"]
+    assert retrain_run.data.tags["source_run_id"] == winner.info.run_id
+    versions = client.search_model_versions("name = 'e2e-convnet'")
+    assert len(versions) == 1
+
+    import mlflow.pytorch
+
+    loaded = mlflow.pytorch.load_model(metrics["model_uri"])
+    assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 3)

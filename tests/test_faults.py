@@ -1,0 +1,139 @@
+"""Diverging and crashing trials: stopped or retried, recorded in MLflow, and the sweep goes on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from search import run
+from search.sweep import SweepSettings, run_sweep
+from spaces import registry
+from spaces.registry import SearchSpace
+from trainables.config import METRIC
+from trainables.data import DataSettings
+from trainables.trainable import train_convnet
+
+pytestmark = pytest.mark.slow
+EPOCHS = 3
+
+
+def exploding(trial: optuna.Trial) -> dict:
+    """Learning rates far too high for plain SGD: every trial's loss leaves the finite numbers."""
+    trial.suggest_float("lr", 200.0, 2000.0, log=True)
+    return {
+        "model": "module",
+        "optimizer": "sgd",
+        "momentum": 0.0,
+        "channel_1": 8,
+        "channel_2": 4,
+        "batch_size": 4,
+    }
+
+
+@pytest.fixture
+def exploding_space(monkeypatch):
+    space = SearchSpace("exploding", "test only", exploding, {"lr": 500.0})
+    monkeypatch.setitem(registry._SPACES, "exploding", space)  # gone again after the test
+    return space
+
+
+def sweep_settings(image_folder: Path, workdir: Path, space: str, **overrides) -> SweepSettings:
+    values = {
+        "space": space,
+        "data": DataSettings(source=str(image_folder), root=str(workdir / "cache"), val_size=9),
+        "epochs": EPOCHS,
+        "num_samples": 3,
+        "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+        "storage_path": str(workdir / "ray"),
+        "name": "faults",
+    }
+    return SweepSettings(**{**values, **overrides})
+
+
+def children(settings: SweepSettings) -> list:
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    return client.search_runs([experiment.experiment_id], "tags.role = 'trial'")
+
+
+def epochs_logged(settings: SweepSettings, run) -> list[int]:
+    client = MlflowClient(settings.tracking_uri)
+    return [point.step for point in client.get_metric_history(run.info.run_id, METRIC)]
+
+
+def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_value(
+    image_folder, tmp_path, ray_runtime, exploding_space
+):
+    settings = sweep_settings(image_folder, tmp_path, "exploding")  # ASHA, max_t = 3 epochs
+    outcome = run_sweep(settings)
+    assert outcome.diverged == 3 and outcome.trial_statuses == {"FINISHED": 3}
+    for child in children(settings):
+        assert epochs_logged(settings, child) == [1]  # one report, not carried on to max_t
+        assert child.data.tags["diverged"] == "true" and child.data.metrics["diverged"] == 1.0
+        assert child.data.metrics[METRIC] == 0.0
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(settings.sweep_path))
+    study_trials = searcher._ot_study.trials  # the Optuna study as Tune saved it
+    assert len(study_trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value == 0.0 for t in study_trials)
+
+
+def crash_once_after_the_first_epoch():
+    """The real trainable, with an out-of-memory crash once a first checkpoint exists."""
+
+    def trainable(config, splits, settings):
+        if tune.get_checkpoint() is None:
+            train_convnet(config, splits, replace(settings, max_epochs=1))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        train_convnet(config, splits, settings)
+
+    return trainable
+
+
+def test_a_crashed_trial_is_retried_from_its_last_checkpoint(image_folder, tmp_path, ray_runtime):
+    settings = sweep_settings(image_folder, tmp_path, "nesterov", num_samples=2, max_failures=1)
+    outcome = run_sweep(settings, trainable=crash_once_after_the_first_epoch())
+    assert outcome.trial_statuses == {"FINISHED": 2} and not outcome.failures
+    assert run.exit_code(outcome) == 0
+    for child in children(settings):
+        assert epochs_logged(settings, child) == [1, 2, 3]  # epoch 1 was not trained again
+        assert child.data.tags["retries"] == "1"
+        assert "CUDA out of memory (simulated)" in child.data.tags["error"]
+
+
+def crash_the_assignments_point():
+    """Trials at the assignment's point crash after one epoch, every time; the others train."""
+
+    def trainable(config, splits, settings):
+        if config["lr"] == 1e-2 and config["channel_2"] == 16:
+            train_convnet(config, splits, replace(settings, max_epochs=1))
+            raise ValueError("boom: a bug in the trial")
+        train_convnet(config, splits, settings)
+
+    return trainable
+
+
+def test_a_trial_that_keeps_crashing_fails_after_its_retries_and_the_sweep_goes_on(
+    image_folder, tmp_path, ray_runtime, capsys, monkeypatch
+):
+    settings = sweep_settings(image_folder, tmp_path, "nesterov", max_failures=1, scheduler="fifo")
+    outcome = run_sweep(settings, trainable=crash_the_assignments_point())
+    assert outcome.trial_statuses == {"FAILED": 1, "FINISHED": 2}
+    failed = next(child for child in children(settings) if child.info.status == "FAILED")
+    assert "ValueError: boom: a bug in the trial" in failed.data.tags["error"]
+    assert failed.data.params["lr"] == "0.01"
+    (failed_name, error_line), *_ = outcome.failures.items()
+    assert failed_name == failed.info.run_name and "boom" in error_line
+
+    run.print_summary(outcome)
+    printed = capsys.readouterr().out
+    assert "1 failed, 2 finished" in printed and f"failed: {failed_name}: " in printed
+    assert run.exit_code(outcome) == 1
