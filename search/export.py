@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from search.best_config import BestTrial, write_best
@@ -31,7 +32,7 @@ from trainables.errors import InputError
 PROG = "search.export"
 
 
-def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[BestTrial, list]:
+def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[BestTrial, list[Run]]:
     """The best trial of the sweep (default: the experiment's latest), and all its trials' runs."""
     client = MlflowClient(check_store_exists(tracking_uri))
     found = client.get_experiment_by_name(experiment)
@@ -42,6 +43,11 @@ def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[
     if parent is None:
         raise InputError(f"no sweep {sweep or ''} in experiment {experiment!r}".replace("  ", " "))
     children = child_runs(client, parent)
+    return best_trial(client, parent, children), children
+
+
+def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTrial:
+    """What best.json holds for a sweep: its best trial's model, training settings and MLflow runs."""
     best = best_child_run(children)
     sweep_name = parent.data.tags[SWEEP_TAG]
     if best is None:
@@ -53,22 +59,19 @@ def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[
     data = DataSettings(
         **{key[len("data_") :]: value for key, value in settings.items() if key.startswith("data_")}
     )
-    return (
-        BestTrial(
-            space=parent.data.tags[SPACE_TAG],
-            sweep=sweep_name,
-            experiment=experiment,
-            spec=spec,
-            epochs=int(settings["epochs"]),
-            seed=int(settings["seed"]),
-            data=data,
-            val_acc=best.data.metrics[BEST_METRIC],
-            tracking_uri=tracking_uri,
-            run_id=best.info.run_id,
-            parent_run_id=parent.info.run_id,
-            checkpoint_uri=f"runs:/{best.info.run_id}/{CHECKPOINT_ARTIFACT}",
-        ),
-        children,
+    return BestTrial(
+        space=parent.data.tags[SPACE_TAG],
+        sweep=sweep_name,
+        experiment=client.get_experiment(parent.info.experiment_id).name,
+        spec=spec,
+        epochs=int(settings["epochs"]),
+        seed=int(settings["seed"]),
+        data=data,
+        val_acc=best.data.metrics[BEST_METRIC],
+        tracking_uri=client.tracking_uri,
+        run_id=best.info.run_id,
+        parent_run_id=parent.info.run_id,
+        checkpoint_uri=f"runs:/{best.info.run_id}/{CHECKPOINT_ARTIFACT}",
     )
 
 

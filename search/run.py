@@ -56,6 +56,9 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     where.add_argument("--storage-path", default="~/ray_results", help="Tune's results and checkpoints")
     where.add_argument("--name", help="sweep name (default: <space>-<timestamp>)")
     where.add_argument("--resume", action="store_true", help="continue the sweep named by --name")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true", help="show Tune's own tables instead of one line")
+    shown.add_argument("--quiet", action="store_true", help="print only the final summary")
     args = parser.parse_args(argv)
     return SweepSettings(
         space=args.space,
@@ -80,6 +83,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         name=args.name,
         resume=args.resume,
         address=args.address,
+        output="verbose" if args.verbose else "quiet" if args.quiet else "progress",
     )
 
 

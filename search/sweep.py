@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,10 +23,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.in_order import InOrderSearcher
+from search.progress import OUTPUTS, SweepProgress
+from search.tracker import SweepTracker
 from search.tracking import (
     BEST_METRIC,
     ERROR_TAG,
-    SweepTracker,
     WritesPending,
     best_child_run,
     check_reachable,
@@ -38,7 +40,7 @@ from search.tracking import (
 from spaces import SearchSpace, get_space
 from trainables.config import METRIC, MODE
 from trainables.data import DataSettings, ImageSplits, load_splits
-from trainables.errors import InputError
+from trainables.errors import InputError, first_line
 from trainables.trainable import DIVERGED, TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
@@ -70,6 +72,7 @@ class SweepSettings:
     name: str | None = None  # None: "<space>-<timestamp>"
     resume: bool = False
     address: str | None = None  # an existing Ray cluster; None: a local one
+    output: str = "progress"  # one of OUTPUTS: a status line, Tune's own tables, or nothing
 
     def __post_init__(self) -> None:
         get_space(self.space)  # an unknown name fails here, with the known ones
@@ -82,6 +85,7 @@ class SweepSettings:
             (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
             (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
+            (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -135,9 +139,11 @@ def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> 
     if settings.resume and not tune.Tuner.can_restore(str(settings.sweep_path)):
         raise InputError(f"no sweep named {settings.sweep_name} in {settings.sweep_path.parent}")
 
+    _quiet_libraries(settings.output)
     check_reachable(tracking_uri)
+    check_ray_address(settings.address)
     splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
-    started_ray = _start_ray(settings.address)
+    started_ray = _start_ray(settings.address, settings.output)
     try:
         return _sweep(settings, space, tracking_uri, splits, trainable)
     finally:
@@ -167,8 +173,23 @@ def _sweep(
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
+    callbacks: list[tune.Callback] = [
+        SweepTracker(
+            tracking_uri, parent_run_id, settings.num_samples, settings.epochs, settings.journal_path
+        )
+    ]
+    if settings.output == "progress":
+        callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
+    verbose = 2 if settings.output == "verbose" else 0
     if settings.resume:
         tuner = tune.Tuner.restore(str(settings.sweep_path), resourced, resume_errored=True)
+        # Tune brings back the callbacks and verbosity it pickled at the start; this run's own
+        # replace them, so a resume can change --verbose/--quiet. The tracker keeps nothing that
+        # matters in memory (it finds its runs in MLflow), so a fresh one is the same tracker.
+        # There is no public API for this yet (ray-project/ray#41364).
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = callbacks
+        run_config.verbose = verbose
     else:
         tuner = tune.Tuner(
             resourced,
@@ -186,22 +207,14 @@ def _sweep(
             run_config=tune.RunConfig(
                 name=settings.sweep_name,
                 storage_path=str(settings.sweep_path.parent),
-                callbacks=[
-                    SweepTracker(
-                        tracking_uri,
-                        parent_run_id,
-                        settings.num_samples,
-                        settings.epochs,
-                        settings.journal_path,
-                    )
-                ],
+                callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1,  # the best; Tune also keeps the latest, for resuming
                     checkpoint_score_attribute=METRIC,
                     checkpoint_score_order=MODE,
                 ),
-                verbose=1,
+                verbose=verbose,
             ),
         )
     tuner.fit()
@@ -244,16 +257,53 @@ def _scheduler(settings: SweepSettings) -> TrialScheduler:
     return ASHAScheduler(time_attr="epoch", max_t=settings.epochs, grace_period=1, reduction_factor=3)
 
 
-def _start_ray(address: str | None) -> bool:
+def _start_ray(address: str | None, output: str) -> bool:
     """Connects to Ray unless this process already is; says whether it did."""
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    level = logging.ERROR if output == "quiet" else logging.WARNING
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=level)
+    except ConnectionError as error:
+        raise InputError(
+            f"cannot join the Ray cluster at {address} ({first_line(error)}); a cluster started by "
+            f"`ray start` checks a token: set RAY_AUTH_MODE=token (see the README)"
+        ) from None
     return True
 
 
+def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fails fast, naming the address, when no Ray head listens there.
+
+    Ray itself would retry for tens of seconds, printing a warning every second.
+    """
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise InputError(f"--address must be HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise InputError(f"no Ray cluster answers at {address} ({error.__class__.__name__})") from None
+
+
+def _quiet_libraries(output: str) -> None:
+    """Below --verbose, Tune, Optuna and MLflow keep their progress lines to themselves.
+
+    Tune's newer output engine prints its header even when told to be silent; its legacy
+    engine, at verbose=0, prints nothing. The variable is read when the sweep starts.
+    """
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if output == "verbose" else "0"
+    if output != "verbose":
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def _sweep_params(settings: SweepSettings, gpus_per_trial: float) -> dict[str, Any]:
-    params = {key: value for key, value in asdict(settings).items() if key not in {"data", "resume"}}
+    params = {
+        key: value for key, value in asdict(settings).items() if key not in {"data", "resume", "output"}
+    }
     params.update({f"data_{key}": value for key, value in asdict(settings.data).items()})
     params["gpus_per_trial"] = gpus_per_trial
     return params

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 
 from trainables.config import TrialConfig
 from trainables.errors import InputError
@@ -28,6 +29,15 @@ class SearchSpace:
         """What a trial of this space trains: its suggestions plus the space's constants."""
         constants = self.define(trial)
         return TrialConfig.from_dict({**trial.params, **constants})
+
+    def searched_at(self, config: TrialConfig) -> dict[str, BaseDistribution]:
+        """The distributions the space draws its parameters from, replayed at this config's point.
+
+        A range may depend on another parameter (nesterov's lr on momentum), hence "at".
+        """
+        trial = optuna.trial.FixedTrial(config.to_dict())
+        self.define(trial)
+        return trial.distributions
 
 
 _SPACES: dict[str, SearchSpace] = {}

@@ -10,9 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from ray.tune.search.optuna import OptunaSearch
 
 from search import export, retrain, run
+from search.report import (
+    ACCURACY_PNG,
+    BEST_JSON,
+    CURVES_PNG,
+    IMPORTANCE_JSON,
+    IMPORTANCE_PNG,
+    REPORT_FILES,
+    SUMMARY_MD,
+)
 from search.tracking import BEST_METRIC, CHECKPOINT_ARTIFACT, TRIAL_TABLE_ARTIFACT
 from spaces import get_space
 from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE, ModelSpec
@@ -102,6 +112,32 @@ def test_the_parent_holds_the_best_result_and_the_trial_table(sweep, tmp_path):
     table = pq.read_table(table_path)
     assert table.num_rows == NUM_SAMPLES
     assert set(table.column("status").to_pylist()) == {"FINISHED"}
+
+
+def test_the_parent_explains_the_sweep_with_importance_plots_summary_and_best_config(sweep, tmp_path):
+    parents, children = parent_and_children(sweep)
+    client, parent_id = sweep["client"], parents[0].info.run_id
+    assert {item.path for item in client.list_artifacts(parent_id)} >= set(REPORT_FILES)
+    folder = Path(client.download_artifacts(parent_id, "", str(tmp_path / "report")))
+
+    importance = json.loads((folder / IMPORTANCE_JSON).read_text())
+    searched = set(get_space("nesterov").first_point)  # every parameter the space searches
+    assert importance["trials"] == NUM_SAMPLES and set(importance["params"]) == searched
+    assert set(importance["evaluators"]) == {"fanova", "ped_anova"}
+    for values in importance["evaluators"].values():
+        assert set(values) == searched and math.isclose(sum(values.values()), 1.0, rel_tol=1e-6)
+
+    for png in (IMPORTANCE_PNG, ACCURACY_PNG, CURVES_PNG):
+        with Image.open(folder / png) as image:  # real images, of a readable size
+            assert image.format == "PNG" and image.width >= 500 and image.height >= 300
+
+    summary = (folder / SUMMARY_MD).read_text()
+    best = max(children, key=lambda run: run.data.metrics[BEST_METRIC])
+    assert f"{best.data.metrics[BEST_METRIC]:.4f}" in summary and "## Hyperparameter importance" in summary
+
+    exported = tmp_path / "exported.json"
+    export.main(["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(exported)])
+    assert (folder / BEST_JSON).read_text() == exported.read_text()  # the very file export writes
 
 
 def test_export_then_retrain(sweep, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -15,6 +16,7 @@ import pytest
 from conftest import REPO, start_search_run, write_image_folder
 from mlflow.tracking import MlflowClient
 
+from search.report import IMPORTANCE_JSON
 from trainables.config import METRIC
 
 pytestmark = pytest.mark.slow
@@ -85,6 +87,10 @@ def assert_complete_sweep(workdir: Path, parent_id: str) -> None:
         assert child.info.status == "FINISHED"
         steps = child_history(workdir, child)
         assert steps == list(range(1, EPOCHS + 1)), steps  # every epoch once: continued, not restarted
+    # The parent's report was written again at the end of the resumed run, over every trial.
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    importance = client.download_artifacts(parent_id, IMPORTANCE_JSON, str(workdir / "report"))
+    assert json.loads(Path(importance).read_text())["trials"] == NUM_SAMPLES
 
 
 def resume_to_the_end(images: Path, workdir: Path) -> None:

@@ -1,0 +1,174 @@
+"""Live progress of a sweep: one status line instead of pages of Tune's tables.
+
+On a terminal the line is rewritten in place, at most once a second. When the
+output is a file or a pipe (CI, a log), it prints plain lines instead: one when a
+trial ends, and one at least every minute.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ray import tune
+
+from spaces import get_space
+from trainables.config import METRIC, TrialConfig
+from trainables.trainable import DIVERGED
+
+# What `search.run` shows while it sweeps: this line (default), Tune's own tables (--verbose),
+# or nothing but the final summary (--quiet).
+OUTPUTS = ("progress", "verbose", "quiet")
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """A snapshot of a sweep, as the status line shows it."""
+
+    done: int
+    running: int
+    pending: int
+    failed: int
+    diverged: int  # among the done
+    best_accuracy: float | None
+    best_params: dict[str, Any]  # the searched hyperparameters of the best trial
+    elapsed_s: float
+    remaining_s: float | None  # None until there is progress to extrapolate from
+
+    def line(self) -> str:
+        """Most telling first, so a narrow terminal cuts only the best trial's config."""
+        eta = "?" if self.remaining_s is None else f"~{_duration(self.remaining_s)}"
+        line = (
+            f"[{_duration(self.elapsed_s)}] trials: {self.done} done, {self.running} running, "
+            f"{self.pending} pending, {self.failed} failed, {self.diverged} diverged | ETA {eta}"
+        )
+        if self.best_accuracy is not None:
+            params = " ".join(f"{name}={_short(value)}" for name, value in self.best_params.items())
+            line += f" | best {METRIC} {self.best_accuracy:.4f} ({params})"
+        return line
+
+
+class SweepProgress(tune.Callback):
+    """Prints the sweep's status: a line rewritten in place on a terminal, plain lines otherwise."""
+
+    REFRESH_S = 1.0
+    HEARTBEAT_S = 60.0
+
+    def __init__(self, space: str, num_samples: int, max_epochs: int, stream: TextIO | None = None) -> None:
+        self.space = space
+        self.num_samples = num_samples
+        self.max_epochs = max_epochs
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty()
+        self._started = time.monotonic()
+        self._start_fraction: float | None = None  # progress already made when this run began
+        self._last_print = -float("inf")
+
+    # Tune pickles its callbacks with the experiment: keep the settings, not the stream.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"space": self.space, "num_samples": self.num_samples, "max_epochs": self.max_epochs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        every = self.REFRESH_S if self.interactive else self.HEARTBEAT_S
+        if time.monotonic() - self._last_print >= every:
+            self._show(self.status(trials))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        ended = "diverged" if last.get(DIVERGED) else "finished"
+        accuracy = last.get(METRIC)
+        score = f": {METRIC} {accuracy:.4f}" if accuracy is not None else ""
+        event = f"trial {trial.trial_id} {ended} at epoch {last.get('epoch', 0)}{score}"
+        self._show(self.status(trials, ending={trial.trial_id: "TERMINATED"}), event)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), f"trial {trial.trial_id} failed")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._show(self.status(trials))
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def status(self, trials: list, ending: dict[str, str] | None = None) -> SweepStatus:
+        """`ending`: trial id -> the status Tune is about to give it (its hooks run just before)."""
+        ending = ending or {}
+        by_status: dict[str, list] = {}
+        for trial in trials:
+            by_status.setdefault(ending.get(trial.trial_id, trial.status), []).append(trial)
+        done = by_status.get("TERMINATED", [])
+        scored = [
+            (trial.metric_analysis[METRIC]["max"], trial)
+            for trial in trials
+            if METRIC in trial.metric_analysis
+        ]
+        best_accuracy, best = max(scored, key=lambda pair: pair[0], default=(None, None))
+        fraction = self._fraction(trials, ending)
+        if self._start_fraction is None:
+            self._start_fraction = fraction
+        elapsed = time.monotonic() - self._started
+        gained = fraction - self._start_fraction
+        return SweepStatus(
+            done=len(done),
+            running=len(by_status.get("RUNNING", [])),
+            pending=self.num_samples
+            - len(trials)
+            + sum(len(by_status.get(waiting, [])) for waiting in ("PENDING", "PAUSED")),
+            failed=len(by_status.get("ERROR", [])),
+            diverged=sum(bool((trial.last_result or {}).get(DIVERGED)) for trial in done),
+            best_accuracy=best_accuracy,
+            best_params=self._searched(best.config) if best is not None else {},
+            elapsed_s=elapsed,
+            remaining_s=elapsed * (1 - fraction) / gained if gained > 0 else None,
+        )
+
+    def _fraction(self, trials: list, ending: dict[str, str]) -> float:
+        """How much of the sweep is done: an ended trial counts whole, a running one by its epochs.
+
+        ASHA stops most trials early, so this undercounts the work left behind and the
+        estimate errs long at first, then settles.
+        """
+        total = 0.0
+        for trial in trials:
+            if ending.get(trial.trial_id, trial.status) in ("TERMINATED", "ERROR"):
+                total += 1.0
+            else:
+                total += min(1.0, (trial.last_result or {}).get("epoch", 0) / self.max_epochs)
+        return total / self.num_samples
+
+    def _searched(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The best trial's searched hyperparameters: its constants would only fill the line."""
+        trial_config = TrialConfig.from_dict(config)
+        values = trial_config.to_dict()
+        return {name: values[name] for name in get_space(self.space).searched_at(trial_config)}
+
+    def _show(self, status: SweepStatus, event: str | None = None) -> None:
+        self._last_print = time.monotonic()
+        if self.interactive:
+            width = shutil.get_terminal_size().columns
+            line = status.line()
+            if event:  # an event scrolls up on a line of its own; the status line stays last
+                self.stream.write(f"\r\x1b[K{event}\n")
+            self.stream.write("\r\x1b[K" + line[: width - 1])
+        else:
+            self.stream.write((f"{event} | " if event else "") + status.line() + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,329 @@
+"""The sweep explains itself: what its parent run holds once the sweep ends, and again after a resume.
+
+- importance.json / importance.png: how much each searched hyperparameter mattered for the
+  best validation accuracy, by Optuna's fANOVA and PED-ANOVA evaluators over the sweep's trials;
+- accuracy_by_hyperparameter.png: each trial's best validation accuracy against each searched
+  hyperparameter, on a log axis where the space samples on a log scale;
+- learning_curves.png: validation accuracy per epoch of the top trials;
+- trials.parquet (one row a trial), summary.md, and best.json (the file `search.export` writes).
+
+Plots are drawn on matplotlib's Agg canvas, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.exceptions import ExperimentalWarning
+from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+from search.best_config import write_best
+from search.export import best_trial
+from search.tracking import BEST_METRIC, SPACE_TAG, SWEEP_TAG, TRIAL_TABLE_ARTIFACT, trial_table
+from spaces import SearchSpace, get_space
+from trainables.config import METRIC, TrialConfig
+from trainables.errors import InputError
+from trainables.trainable import DIVERGED
+
+IMPORTANCE_JSON = "importance.json"
+IMPORTANCE_PNG = "importance.png"
+ACCURACY_PNG = "accuracy_by_hyperparameter.png"
+CURVES_PNG = "learning_curves.png"
+SUMMARY_MD = "summary.md"
+BEST_JSON = "best.json"
+REPORT_FILES = (
+    IMPORTANCE_JSON,
+    IMPORTANCE_PNG,
+    ACCURACY_PNG,
+    CURVES_PNG,
+    TRIAL_TABLE_ARTIFACT,
+    SUMMARY_MD,
+    BEST_JSON,
+)
+
+TOP_TRIALS = 5  # learning curves and summary rows
+DPI = 100
+
+
+def importance_evaluators() -> dict[str, optuna.importance.BaseImportanceEvaluator]:
+    """fANOVA, Optuna's default, seeded so a report is repeatable; PED-ANOVA, which copes better
+    with the few trials a sweep of this size has."""
+    return {"fanova": FanovaImportanceEvaluator(seed=0), "ped_anova": PedAnovaImportanceEvaluator()}
+
+
+@dataclass(frozen=True)
+class ScoredTrial:
+    """A child run that finished at least one epoch, with what the report needs of it."""
+
+    run: Run
+    config: TrialConfig
+    accuracy: float  # its best epoch's validation accuracy
+    diverged: bool
+
+    @property
+    def name(self) -> str:
+        return self.run.info.run_name
+
+
+def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -> None:
+    """Computes the report from the sweep's runs and logs it as artifacts of the parent run."""
+    space = get_space(parent.data.tags[SPACE_TAG])
+    scored = scored_trials(children)
+    distributions = searched_distributions(space, scored)
+    importance = param_importance(scored, distributions)
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        (folder / IMPORTANCE_JSON).write_text(json.dumps(importance, indent=2) + "\n")
+        _save(plot_importance(importance), folder / IMPORTANCE_PNG)
+        _save(plot_accuracy_by_hyperparameter(scored, distributions), folder / ACCURACY_PNG)
+        top = sorted(scored, key=lambda trial: -trial.accuracy)[:TOP_TRIALS]
+        _save(plot_learning_curves(client, top), folder / CURVES_PNG)
+        pq.write_table(trial_table(children), folder / TRIAL_TABLE_ARTIFACT)
+        try:
+            write_best(best_trial(client, parent, children), folder / BEST_JSON)
+            best_note = f"`{BEST_JSON}` holds the best config, as `search.export` writes it."
+        except InputError as error:  # no trial finished an epoch
+            best_note = f"No `{BEST_JSON}`: {error}."
+        summary = summary_markdown(parent, children, top, distributions, importance, best_note)
+        (folder / SUMMARY_MD).write_text(summary)
+        client.log_artifacts(parent.info.run_id, str(folder))
+
+
+def scored_trials(children: list[Run]) -> list[ScoredTrial]:
+    return [
+        ScoredTrial(
+            run=run,
+            config=TrialConfig.from_params(run.data.params),
+            accuracy=run.data.metrics[BEST_METRIC],
+            diverged=run.data.tags.get(DIVERGED) == "true",
+        )
+        for run in children
+        if BEST_METRIC in run.data.metrics
+    ]
+
+
+def searched_distributions(space: SearchSpace, trials: list[ScoredTrial]) -> dict[str, BaseDistribution]:
+    """Each searched hyperparameter's distribution, widened to cover every trial's own.
+
+    Importance needs one distribution per parameter, but a space's range may move with
+    another parameter (nesterov's lr with momentum): the union of the ranges covers them all.
+    """
+    merged: dict[str, BaseDistribution] = {}
+    for trial in trials:
+        for name, distribution in space.searched_at(trial.config).items():
+            merged[name] = _widen(merged[name], distribution) if name in merged else distribution
+    return merged
+
+
+def _widen(first: BaseDistribution, second: BaseDistribution) -> BaseDistribution:
+    if isinstance(first, CategoricalDistribution) and isinstance(second, CategoricalDistribution):
+        return CategoricalDistribution(list(dict.fromkeys([*first.choices, *second.choices])))
+    low, high = min(first.low, second.low), max(first.high, second.high)  # type: ignore[attr-defined]
+    return type(first)(low=low, high=high, log=first.log, step=first.step)  # type: ignore[attr-defined,call-arg]
+
+
+def param_importance(trials: list[ScoredTrial], distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
+    """Importances by each evaluator (they sum to 1), with notes where one could not say."""
+    report: dict[str, Any] = {
+        "target": BEST_METRIC,
+        "trials": len(trials),
+        "params": sorted(distributions),
+        "evaluators": {},
+        "notes": [],
+    }
+    if len(trials) < 2 or not distributions:
+        report["notes"].append("importance needs at least 2 trials with a result and a searched parameter")
+        return report
+    with _quiet_optuna():
+        study = optuna.create_study(direction="maximize")
+        for trial in trials:
+            values = trial.config.to_dict()
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={name: values[name] for name in distributions},
+                    distributions=distributions,
+                    value=trial.accuracy,
+                )
+            )
+        for name, evaluator in importance_evaluators().items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                except RuntimeError as error:  # e.g. every trial scored the same
+                    report["notes"].append(f"{name}: {error}")
+                    continue
+            report["evaluators"][name] = {param: float(value) for param, value in values.items()}
+            report["notes"] += [
+                f"{name}: {warning.message}"
+                for warning in caught
+                if not issubclass(warning.category, ExperimentalWarning)
+            ]
+    return report
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """The throwaway study's INFO lines would land in the middle of the sweep's output."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+# Plots ---------------------------------------------------------------------
+
+
+def plot_importance(importance: dict[str, Any]) -> Figure:
+    evaluators: dict[str, dict[str, float]] = importance["evaluators"]
+    params = importance["params"]
+    figure = Figure(figsize=(7, 1.2 + 0.5 * max(1, len(params))), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(f"Hyperparameter importance for {BEST_METRIC} ({importance['trials']} trials)")
+    if not evaluators:
+        axes.text(0.5, 0.5, "\n".join(importance["notes"]), ha="center", va="center", wrap=True)
+        axes.set_axis_off()
+        return figure
+    first = next(iter(evaluators.values()))
+    params = sorted(params, key=lambda param: first.get(param, 0.0))  # most important on top
+    height = 0.8 / len(evaluators)
+    for index, (name, values) in enumerate(evaluators.items()):
+        positions = [row + index * height for row in range(len(params))]
+        axes.barh(positions, [values.get(param, 0.0) for param in params], height=height, label=name)
+    axes.set_yticks([row + 0.4 - height / 2 for row in range(len(params))], params)
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("importance (each evaluator's values sum to 1)")
+    axes.legend(loc="lower right")
+    return figure
+
+
+def plot_accuracy_by_hyperparameter(
+    trials: list[ScoredTrial], distributions: dict[str, BaseDistribution]
+) -> Figure:
+    params = sorted(distributions)
+    columns = min(3, max(1, len(params)))
+    rows = max(1, math.ceil(len(params) / columns))
+    figure = Figure(figsize=(4 * columns, 3.2 * rows), dpi=DPI, layout="constrained")
+    figure.suptitle(f"{BEST_METRIC} of each trial against each searched hyperparameter")
+    best = max(trials, key=lambda trial: trial.accuracy, default=None)
+    for index, param in enumerate(params):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for group, style in (
+            ([t for t in trials if not t.diverged], {"color": "tab:blue", "marker": "o", "label": "trial"}),
+            ([t for t in trials if t.diverged], {"color": "tab:red", "marker": "x", "label": "diverged"}),
+        ):
+            if not group:
+                continue
+            values = [t.config.to_dict()[param] for t in group]
+            axes.scatter(values, [t.accuracy for t in group], s=28, alpha=0.8, **style)
+        if best is not None:
+            axes.scatter([best.config.to_dict()[param]], [best.accuracy], s=160, marker="*",
+                         color="gold", edgecolor="black", zorder=3, label="best")  # fmt: skip
+        log_scale = getattr(distributions[param], "log", False)
+        if log_scale:
+            axes.set_xscale("log")
+            axes.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
+        axes.set_xlabel(param + (" (log)" if log_scale else ""))
+        axes.set_ylabel(BEST_METRIC)
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.legend(fontsize="small")
+    if not params:
+        figure.add_subplot().text(0.5, 0.5, "no searched hyperparameters", ha="center")
+    return figure
+
+
+def plot_learning_curves(client: MlflowClient, top: list[ScoredTrial]) -> Figure:
+    figure = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(f"{METRIC} per epoch, top {len(top)} trials")
+    for rank, trial in enumerate(top, start=1):
+        history = sorted(client.get_metric_history(trial.run.info.run_id, METRIC), key=lambda p: p.step)
+        axes.plot([p.step for p in history], [p.value for p in history], marker="o",
+                  label=f"{rank}. {trial.name} ({trial.accuracy:.3f})")  # fmt: skip
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(METRIC)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    if top:
+        axes.legend(fontsize="small")
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.savefig(path, format="png")
+
+
+# Summary ---------------------------------------------------------------------
+
+
+def summary_markdown(
+    parent: Run,
+    children: list[Run],
+    top: list[ScoredTrial],
+    distributions: dict[str, BaseDistribution],
+    importance: dict[str, Any],
+    best_note: str,
+) -> str:
+    statuses: dict[str, int] = {}
+    for run in children:
+        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
+    diverged = sum(run.data.tags.get(DIVERGED) == "true" for run in children)
+    counts = ", ".join(f"{count} {status.lower()}" for status, count in sorted(statuses.items()))
+    lines = [
+        f"# Sweep `{parent.data.tags.get(SWEEP_TAG, parent.info.run_name)}`",
+        "",
+        f"Space `{parent.data.tags[SPACE_TAG]}`; {len(children)} trials: {counts or 'none'}"
+        + (f"; {diverged} diverged" if diverged else "")
+        + ".",
+        "",
+    ]
+    params = sorted(distributions)
+    if top:
+        best = top[0]
+        run = f"run `{best.name}` ({best.run.info.run_id})"
+        lines += [f"Best validation accuracy: **{best.accuracy:.4f}**, {run}."]
+        lines += ["", "## Top trials", "", _row(["rank", "run", BEST_METRIC, *params])]
+        lines.append(_row(["---"] * (3 + len(params))))
+        for rank, trial in enumerate(top, start=1):
+            values = trial.config.to_dict()
+            cells = [str(rank), trial.name, f"{trial.accuracy:.4f}", *(_fmt(values[p]) for p in params)]
+            lines.append(_row(cells))
+        lines.append("")
+    evaluators = importance["evaluators"]
+    lines += ["## Hyperparameter importance", ""]
+    if evaluators:
+        lines += [_row(["parameter", *evaluators]), _row(["---"] * (1 + len(evaluators)))]
+        order = sorted(params, key=lambda p: -next(iter(evaluators.values())).get(p, 0.0))
+        lines += [_row([p, *(f"{values.get(p, 0.0):.3f}" for values in evaluators.values())]) for p in order]
+        lines.append("")
+    lines += [f"- {note}" for note in importance["notes"]]
+    lines += ["", best_note, ""]
+    plots = ", ".join(f"`{name}`" for name in (IMPORTANCE_PNG, ACCURACY_PNG, CURVES_PNG))
+    lines += [f"Plots: {plots}; every trial: `{TRIAL_TABLE_ARTIFACT}`.", ""]
+    return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

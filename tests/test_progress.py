@@ -1,0 +1,106 @@
+"""What `search.run` shows while it sweeps: one status line, Tune's tables with --verbose, or nothing."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from search.progress import SweepStatus
+
+TUNE_TABLE = "Trial status"  # the heading of Tune's own progress tables
+TUNE_HEADER = "Configuration for experiment"
+
+
+def test_the_status_line_counts_trials_and_shows_the_best_config_and_the_remaining_time():
+    status = SweepStatus(
+        done=3, running=2, pending=1, failed=1, diverged=1,
+        best_accuracy=0.5712, best_params={"lr": 0.0069165, "channel_1": 49},
+        elapsed_s=151, remaining_s=3725,
+    )  # fmt: skip
+    assert status.line() == (
+        "[2m31s] trials: 3 done, 2 running, 1 pending, 1 failed, 1 diverged | ETA ~1h02m"
+        " | best val_acc 0.5712 (lr=0.00692 channel_1=49)"
+    )
+
+
+def test_before_any_result_the_line_says_the_remaining_time_is_unknown():
+    status = SweepStatus(0, 0, 4, 0, 0, None, {}, elapsed_s=3, remaining_s=None)
+    assert status.line() == "[3s] trials: 0 done, 0 running, 4 pending, 0 failed, 0 diverged | ETA ?"
+
+
+def sweep_command(image_folder: Path, workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "search.run", "--space", "nesterov", "--data", str(image_folder),
+        "--data-root", str(workdir / "cache"), "--val-size", "9", "--num-samples", "2", "--epochs", "1",
+        "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--storage-path", str(workdir / "ray"), *extra,
+    ]  # fmt: skip
+
+
+def run_to_a_pipe(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_into_a_pipe_it_prints_plain_status_lines_and_no_tune_tables(image_folder, tmp_path):
+    result = run_to_a_pipe(sweep_command(image_folder, tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    status_lines = [line for line in lines if "] trials: " in line]
+    events = [line for line in status_lines if line.startswith("trial ")]
+    assert len(events) == 2 and all(" finished at epoch 1: val_acc " in line for line in events)
+    assert "trials: 2 done, 0 running, 0 pending, 0 failed, 0 diverged" in status_lines[-1]
+    assert "best val_acc " in status_lines[-1]
+    assert "\r" not in result.stdout and "\x1b[" not in result.stdout
+    assert TUNE_TABLE not in result.stdout and TUNE_HEADER not in result.stdout
+
+
+@pytest.mark.slow
+def test_on_a_terminal_it_rewrites_one_line_in_place(image_folder, tmp_path):
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    process = subprocess.Popen(
+        sweep_command(image_folder, tmp_path), cwd=tmp_path, env=env, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert text.count("\r\x1b[K[") >= 2  # the status line was redrawn in place
+    assert "trials: 2 done" in text and TUNE_TABLE not in text
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_the_final_summary(image_folder, tmp_path):
+    result = run_to_a_pipe(sweep_command(image_folder, tmp_path, "--quiet"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.lstrip().startswith("Sweep ") and "] trials: " not in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_verbose_brings_back_tunes_own_tables(image_folder, tmp_path):
+    result = run_to_a_pipe(sweep_command(image_folder, tmp_path, "--verbose"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert TUNE_TABLE in result.stdout and "] trials: " not in result.stdout
+
+
+def test_verbose_and_quiet_cannot_be_combined(tmp_path):
+    command = [sys.executable, "-m", "search.run", "--space", "sgd", "--verbose", "--quiet"]
+    result = run_to_a_pipe(command, tmp_path)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
