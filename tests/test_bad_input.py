@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, free_port
 
 
 def run_command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -58,6 +57,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         (["--space", "nesterov", "--scheduler", "pbt"], "argument --scheduler: invalid choice: 'pbt'"),
         (["--space", "nesterov", "--tracking-uri", "ftp://host/x"], "unknown tracking URI scheme 'ftp'"),
         (["--space", "nesterov", "--resume"], "--resume needs the --name of the sweep to resume"),
+        (["--space", "nesterov", "--address", "headnode"], "--address must be HOST:PORT, got 'headnode'"),
         (
             ["--space", "nesterov", "--resume", "--name", "ghost", "--storage-path", "."],
             "no sweep named ghost",
@@ -81,6 +81,15 @@ def test_an_unreachable_tracking_server_fails_within_ten_seconds_naming_it(tmp_p
     result = run_command("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
     assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable")
     # the interpreter's imports take a few seconds of that; the check itself, under one
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_address_where_no_ray_cluster_listens_fails_fast_naming_it(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_command("search.run", "--space", "sgd", "--address", address, cwd=tmp_path)
+    assert_one_line_error(result, f"no Ray cluster answers at {address} (ConnectionRefusedError)")
     assert time.monotonic() - started < 10
     assert list(tmp_path.iterdir()) == []
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import requests
-from conftest import start_search_run, write_image_folder
+from conftest import MlflowServer, start_search_run, write_image_folder
 from mlflow.tracking import MlflowClient
 
 from trainables.config import METRIC
@@ -21,45 +16,6 @@ from trainables.config import METRIC
 pytestmark = pytest.mark.slow
 
 EPOCHS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on loopback over a store in a folder: it can be killed and started again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db", "--workers", "1"]
-        command += ["--artifacts-destination", str(self.folder / "artifacts")]
-        log = open(self.folder / "server.log", "a")  # noqa: SIM115 (lives as long as the server)
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise AssertionError(
-            f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}"
-        )
-
-    def kill(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
 
 
 @pytest.fixture
