@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print_interrupted(argv, settings.sweep_name)
         return EXIT_INTERRUPTED
     except TRACKING_ERRORS as error:  # training is done and kept; MLflow is what failed
-        kept = f"the results are kept in {settings.sweep_path}"
+        kept = f"the results are kept in {settings.sweep_location}"
         print(
             f"{PROG}: error: MLflow failed at the end ({type(error).__name__}); {kept}. "
             f"Once MLflow is back, write them with:\n  {resume_command(argv, settings.sweep_name)}",

@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -24,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.in_order import InOrderSearcher
 from search.progress import OUTPUTS, SweepProgress
+from search.storage import StoredFile, join, resolve_storage
 from search.tracker import SweepTracker
 from search.tracking import (
     BEST_METRIC,
@@ -92,6 +92,7 @@ class SweepSettings:
                 raise InputError(message)
         if self.tracking_uri is not None:
             check_tracking_uri(self.tracking_uri)
+        resolve_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
         if self.name is None:  # fixed once, so every reader sees the same name
             object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -100,13 +101,18 @@ class SweepSettings:
         return self.experiment or f"cifar10-{self.space}"
 
     @property
-    def sweep_path(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.sweep_name
+    def storage(self) -> str:
+        """Tune's storage: an absolute local folder, or a filesystem URI as given."""
+        return resolve_storage(self.storage_path)
 
     @property
-    def journal_path(self) -> Path:
+    def sweep_location(self) -> str:
+        return join(self.storage, self.sweep_name)
+
+    @property
+    def journal(self) -> StoredFile:
         """MLflow writes that wait while MLflow fails: written later, or by --resume."""
-        return self.sweep_path / "mlflow-pending.json"
+        return StoredFile(join(self.sweep_location, "mlflow-pending.json"))
 
     @property
     def sweep_name(self) -> str:
@@ -136,8 +142,8 @@ Trainable = Callable[[dict[str, Any], ImageSplits, TrialSettings], None]
 def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> SweepOutcome:
     space = get_space(settings.space)
     tracking_uri = settings.tracking_uri or default_tracking_uri()
-    if settings.resume and not tune.Tuner.can_restore(str(settings.sweep_path)):
-        raise InputError(f"no sweep named {settings.sweep_name} in {settings.sweep_path.parent}")
+    if settings.resume and not tune.Tuner.can_restore(settings.sweep_location):
+        raise InputError(f"no sweep named {settings.sweep_name} in {settings.storage}")
 
     _quiet_libraries(settings.output)
     check_reachable(tracking_uri)
@@ -174,15 +180,13 @@ def _sweep(
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
     callbacks: list[tune.Callback] = [
-        SweepTracker(
-            tracking_uri, parent_run_id, settings.num_samples, settings.epochs, settings.journal_path
-        )
+        SweepTracker(tracking_uri, parent_run_id, settings.num_samples, settings.epochs, settings.journal)
     ]
     if settings.output == "progress":
         callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
     verbose = 2 if settings.output == "verbose" else 0
     if settings.resume:
-        tuner = tune.Tuner.restore(str(settings.sweep_path), resourced, resume_errored=True)
+        tuner = tune.Tuner.restore(settings.sweep_location, resourced, resume_errored=True)
         # Tune brings back the callbacks and verbosity it pickled at the start; this run's own
         # replace them, so a resume can change --verbose/--quiet. The tracker keeps nothing that
         # matters in memory (it finds its runs in MLflow), so a fresh one is the same tracker.
@@ -206,7 +210,7 @@ def _sweep(
             ),
             run_config=tune.RunConfig(
                 name=settings.sweep_name,
-                storage_path=str(settings.sweep_path.parent),
+                storage_path=settings.storage,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
@@ -218,8 +222,8 @@ def _sweep(
             ),
         )
     tuner.fit()
-    if settings.journal_path.exists():
-        raise WritesPending(f"MLflow writes wait in {settings.journal_path}")
+    if settings.journal.exists():
+        raise WritesPending(f"MLflow writes wait in {settings.journal}")
     return _outcome(client, settings, tracking_uri, parent_run_id)
 
 

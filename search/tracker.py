@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from search.report import write_sweep_report
+from search.storage import StoredFile
 from search.tracking import (
     BEST_METRIC,
     CHECKPOINT_ARTIFACT,
@@ -77,7 +78,7 @@ class SweepTracker(tune.Callback):
     END_GRACE_S = 30.0
 
     def __init__(
-        self, tracking_uri: str, parent_run_id: str, num_samples: int, max_epochs: int, journal: Path
+        self, tracking_uri: str, parent_run_id: str, num_samples: int, max_epochs: int, journal: StoredFile
     ) -> None:
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id

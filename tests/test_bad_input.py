@@ -59,6 +59,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         (["--space", "nesterov", "--resume"], "--resume needs the --name of the sweep to resume"),
         (["--space", "nesterov", "--address", "headnode"], "--address must be HOST:PORT, got 'headnode'"),
         (
+            ["--space", "nesterov", "--storage-path", "nosuch://x/y"],
+            "--storage-path nosuch://x/y cannot be opened",
+        ),
+        (
             ["--space", "nesterov", "--resume", "--name", "ghost", "--storage-path", "."],
             "no sweep named ghost",
         ),

@@ -80,7 +80,7 @@ def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_v
         assert child.data.metrics[METRIC] == 0.0
 
     searcher = OptunaSearch()
-    searcher.restore_from_dir(str(settings.sweep_path))
+    searcher.restore_from_dir(settings.sweep_location)
     study_trials = searcher._ot_study.trials  # the Optuna study as Tune saved it
     assert len(study_trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value == 0.0 for t in study_trials)

@@ -39,4 +39,4 @@ def test_sixteen_short_trials_record_every_metric(image_folder, tmp_path, ray_ru
             assert steps == list(range(1, EPOCHS + 1)), (name, steps)
     output = capfd.readouterr()
     assert "database is locked" not in output.out + output.err
-    assert not settings.journal_path.exists()  # nothing left waiting
+    assert not settings.journal.exists()  # nothing left waiting

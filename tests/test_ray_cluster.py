@@ -71,7 +71,15 @@ def test_a_sweep_runs_its_trials_on_an_existing_ray_cluster(ray_head, image_fold
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--space", "nesterov", "--data", str(image_folder), "--data-root", str(tmp_path / "cache")]
     args += ["--val-size", "9", "--num-samples", str(NUM_SAMPLES), "--epochs", "1"]
-    args += ["--tracking-uri", tracking_uri, "--storage-path", str(tmp_path / "ray"), "--name", "on-cluster"]
+    # Shared storage as a multi-node sweep names it: a URI that pyarrow's filesystems resolve.
+    args += [
+        "--tracking-uri",
+        tracking_uri,
+        "--storage-path",
+        f"file://{tmp_path}/ray",
+        "--name",
+        "on-cluster",
+    ]
     args += ["--address", ray_head["address"], "--quiet"]
     sweep = start_search_run(args, cwd=tmp_path)
     _, stderr = sweep.communicate(timeout=300)

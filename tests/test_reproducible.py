@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune.search.optuna import OptunaSearch
 
 from search.sweep import SweepSettings, run_sweep
-from search.tracking import TRIAL_ID_TAG
 from trainables.config import METRIC
 from trainables.data import DataSettings
 
 pytestmark = pytest.mark.slow
 
 
-def sweep_record(image_folder, workdir, seed: int) -> list[tuple]:
-    """Each trial's config and first-epoch metrics, in the order the trials were proposed."""
+def sweep_record(image_folder, workdir, seed: int) -> tuple[list[dict], list[tuple]]:
+    """The configs Optuna proposed, in order, and each trial's config with its first-epoch metrics."""
     workdir.mkdir()
     settings = SweepSettings(
         space="nesterov",
@@ -25,31 +25,37 @@ def sweep_record(image_folder, workdir, seed: int) -> list[tuple]:
         tracking_uri=f"sqlite:///{workdir}/mlflow.db",
         storage_path=str(workdir / "ray"),
         name="repro",
+        output="quiet",
     )
     outcome = run_sweep(settings)
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(settings.sweep_location)
+    proposals = [trial.params for trial in searcher._ot_study.trials]  # Optuna's own order
+
     client = MlflowClient(outcome.tracking_uri)
     children = client.search_runs(
         [client.get_experiment_by_name(outcome.experiment).experiment_id], "tags.role = 'trial'"
     )
-    # Parallel trials start in any order; Tune numbers trial ids in the order they were proposed.
-    children.sort(key=lambda child: child.data.tags[TRIAL_ID_TAG])
-    record = []
+    trials = []
     for child in children:
         first_epoch = {
             name: client.get_metric_history(child.info.run_id, name)[0].value
             for name in (METRIC, "val_loss", "train_loss")
         }
-        record.append((sorted(child.data.params.items()), first_epoch))
-    return record
+        trials.append((sorted(child.data.params.items()), first_epoch))
+    # Parallel trials start and end in any order: compare them as a set, by config.
+    return proposals, sorted(trials, key=lambda trial: trial[0])
 
 
 def test_the_same_seed_gives_the_same_configs_and_first_epochs(image_folder, tmp_path, ray_runtime):
-    first = sweep_record(image_folder, tmp_path / "a", seed=5)
-    second = sweep_record(image_folder, tmp_path / "b", seed=5)
-    assert len(first) == 6 and first == second
+    first_proposals, first_trials = sweep_record(image_folder, tmp_path / "a", seed=5)
+    second_proposals, second_trials = sweep_record(image_folder, tmp_path / "b", seed=5)
+    assert len(first_proposals) == 6 and first_proposals == second_proposals
+    assert len(first_trials) == 6 and first_trials == second_trials
 
 
 def test_another_seed_gives_other_configs(image_folder, tmp_path, ray_runtime):
-    first = sweep_record(image_folder, tmp_path / "a", seed=5)
-    other = sweep_record(image_folder, tmp_path / "c", seed=6)
-    assert [config for config, _ in first[1:]] != [config for config, _ in other[1:]]
+    first_proposals, _ = sweep_record(image_folder, tmp_path / "a", seed=5)
+    other_proposals, _ = sweep_record(image_folder, tmp_path / "c", seed=6)
+    assert first_proposals[0] == other_proposals[0]  # the assignment's point, whatever the seed
+    assert first_proposals[1:] != other_proposals[1:]

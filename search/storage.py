@@ -1,0 +1,75 @@
+"""Where a sweep keeps its Tune state: a local folder, or any URI that pyarrow's filesystems read.
+
+A multi-node sweep needs storage that every node sees: an NFS path, or a cloud URI such
+as s3://bucket/sweeps or gs://bucket/sweeps (pyarrow resolves the scheme and the
+credentials, exactly as Tune does with the same string).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from trainables.errors import InputError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def resolve_storage(location: str) -> str:
+    """A URI as given; a local path made absolute, so every process reads the same folder."""
+    if is_uri(location):
+        try:
+            pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+            raise InputError(f"--storage-path {location} cannot be opened: {error}") from None
+        return location.rstrip("/")
+    return str(Path(location).expanduser().resolve())
+
+
+def join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+class StoredFile:
+    """A small text file at a local path or a filesystem URI; picklable, it keeps only its location."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.location = state["location"]
+
+    def __str__(self) -> str:
+        return self.location
+
+    def _resolved(self) -> tuple[pafs.FileSystem, str]:
+        if is_uri(self.location):
+            return pafs.FileSystem.from_uri(self.location)
+        return pafs.LocalFileSystem(), self.location
+
+    def exists(self) -> bool:
+        filesystem, path = self._resolved()
+        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_text(self) -> str:
+        filesystem, path = self._resolved()
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    def write_text(self, text: str) -> None:
+        filesystem, path = self._resolved()
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+    def unlink(self) -> None:
+        filesystem, path = self._resolved()
+        filesystem.delete_file(path)
