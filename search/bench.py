@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from search.cli import EXIT_OK, OneLineParser, non_negative_int, positive_int, run_command
-from search.sweep import SweepSettings, run_sweep
+from search.settings import SweepSettings
+from search.sweep import run_sweep
 from search.tracking import child_runs
-from trainables.config import TrialConfig
-from trainables.data import CIFAR10, DataSettings, ImageSplits, load_splits, split_indices
+from trainables.config import CIFAR10, DataSettings, TrialConfig
+from trainables.data import ImageSplits, load_splits, split_indices
 from trainables.errors import InputError
 from trainables.loop import Normalizer, batch_order, place_images, train_epoch
 from trainables.model import build_model, build_optimizer

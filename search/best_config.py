@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.checkpoint import ModelSpec
-from trainables.config import METRIC, TrialConfig
-from trainables.data import DataSettings
+from trainables.config import METRIC, DataSettings, TrialConfig
 from trainables.errors import InputError
 
 SCHEMA_VERSION = 1

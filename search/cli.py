@@ -8,8 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from mlflow.exceptions import MlflowException
-
 from trainables.errors import InputError, first_line
 
 EXIT_OK = 0
@@ -58,7 +56,12 @@ def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
     except InputError as error:
         sys.stderr.write(f"{prog}: error: {error}\n")
         code = EXIT_BAD_INPUT
-    except MlflowException as error:
+    except Exception as error:
+        # MLflow is imported here, not at the top: bad options should not wait for it to load.
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(error, MlflowException):
+            raise
         sys.stderr.write(f"{prog}: error: MLflow: {first_line(error)}\n")
         code = EXIT_TRACKING_FAILED
     sys.exit(code)

@@ -26,7 +26,7 @@ from search.tracking import (
     trial_table,
 )
 from trainables.checkpoint import SPEC_FILE, ModelSpec
-from trainables.data import DataSettings
+from trainables.config import DataSettings
 from trainables.errors import InputError
 
 PROG = "search.export"

@@ -19,10 +19,6 @@ from spaces import get_space
 from trainables.config import METRIC, TrialConfig
 from trainables.trainable import DIVERGED
 
-# What `search.run` shows while it sweeps: this line (default), Tune's own tables (--verbose),
-# or nothing but the final summary (--quiet).
-OUTPUTS = ("progress", "verbose", "quiet")
-
 
 @dataclass(frozen=True)
 class SweepStatus:

@@ -14,10 +14,11 @@ import torch
 
 from search.best_config import BestTrial, read_best
 from search.cli import EXIT_OK, OneLineParser, positive_int, run_command
-from search.tracking import check_tracking_uri, get_or_create_experiment
+from search.settings import check_tracking_uri
+from search.tracking import get_or_create_experiment
 from trainables.checkpoint import ModelSpec
-from trainables.config import METRIC
-from trainables.data import DataSettings, load_images, load_splits
+from trainables.config import METRIC, DataSettings
+from trainables.data import load_images, load_splits
 from trainables.errors import InputError
 from trainables.loop import Normalizer, batch_order, evaluate, place_images, train_epoch
 from trainables.model import as_module, build_optimizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from search.cli import (
     EXIT_INTERRUPTED,
@@ -17,10 +18,12 @@ from search.cli import (
     positive_int,
     run_command,
 )
-from search.sweep import SCHEDULERS, SweepOutcome, SweepSettings, run_sweep
-from search.tracking import TRACKING_ERRORS
+from search.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
-from trainables.data import CIFAR10, DataSettings
+from trainables.config import CIFAR10, DataSettings
+
+if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
+    from search.sweep import SweepOutcome
 
 PROG = "search.run"
 
@@ -124,6 +127,14 @@ def resume_command(argv: list[str], sweep: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     settings = parse_settings(argv)
+    if settings.tracking_uri is not None:
+        check_reachable(settings.tracking_uri)
+    check_ray_address(settings.address)
+    # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
+    # an unreachable server or cluster, have been refused by then.
+    from search.sweep import run_sweep
+    from search.tracking import TRACKING_ERRORS
+
     try:
         outcome = run_sweep(settings)
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once

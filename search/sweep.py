@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
@@ -22,16 +20,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.in_order import InOrderSearcher
-from search.progress import OUTPUTS, SweepProgress
-from search.storage import StoredFile, join, resolve_storage
+from search.progress import SweepProgress
+from search.settings import SweepSettings, check_ray_address, check_reachable
 from search.tracker import SweepTracker
 from search.tracking import (
     BEST_METRIC,
     ERROR_TAG,
     WritesPending,
     best_child_run,
-    check_reachable,
-    check_tracking_uri,
     child_runs,
     default_tracking_uri,
     get_or_create_experiment,
@@ -39,7 +35,7 @@ from search.tracking import (
 )
 from spaces import SearchSpace, get_space
 from trainables.config import METRIC, MODE
-from trainables.data import DataSettings, ImageSplits, load_splits
+from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
 from trainables.trainable import DIVERGED, TrialSettings, train_convnet
 
@@ -48,76 +44,7 @@ from trainables.trainable import DIVERGED, TrialSettings, train_convnet
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # a trial's own lines, each with its trial's name
 
-SCHEDULERS = ("asha", "fifo")
 GPUS_PER_TRIAL_WHEN_PRESENT = 0.25  # a trial of this model uses a small part of a modern GPU
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """Every option of `search.run`, validated; the CLI builds one from its arguments."""
-
-    space: str
-    data: DataSettings = field(default_factory=DataSettings)
-    epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
-    num_samples: int = 8
-    scheduler: str = "asha"
-    seed: int = 0
-    gpus_per_trial: float | None = None  # None: GPUS_PER_TRIAL_WHEN_PRESENT if the cluster has GPUs
-    cpus_per_trial: float = 1.0
-    max_concurrent: int | None = None  # None: as many as the resources allow
-    max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
-    tracking_uri: str | None = None  # None: MLflow's default
-    experiment: str | None = None  # None: "cifar10-<space>"
-    storage_path: str = "~/ray_results"
-    name: str | None = None  # None: "<space>-<timestamp>"
-    resume: bool = False
-    address: str | None = None  # an existing Ray cluster; None: a local one
-    output: str = "progress"  # one of OUTPUTS: a status line, Tune's own tables, or nothing
-
-    def __post_init__(self) -> None:
-        get_space(self.space)  # an unknown name fails here, with the known ones
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
-            (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
-            (self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}"),
-            (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
-            (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
-            (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
-            (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-        if self.tracking_uri is not None:
-            check_tracking_uri(self.tracking_uri)
-        resolve_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
-        if self.name is None:  # fixed once, so every reader sees the same name
-            object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-    @property
-    def experiment_name(self) -> str:
-        return self.experiment or f"cifar10-{self.space}"
-
-    @property
-    def storage(self) -> str:
-        """Tune's storage: an absolute local folder, or a filesystem URI as given."""
-        return resolve_storage(self.storage_path)
-
-    @property
-    def sweep_location(self) -> str:
-        return join(self.storage, self.sweep_name)
-
-    @property
-    def journal(self) -> StoredFile:
-        """MLflow writes that wait while MLflow fails: written later, or by --resume."""
-        return StoredFile(join(self.sweep_location, "mlflow-pending.json"))
-
-    @property
-    def sweep_name(self) -> str:
-        assert self.name is not None  # set in __post_init__
-        return self.name
 
 
 @dataclass
@@ -274,22 +201,6 @@ def _start_ray(address: str | None, output: str) -> bool:
             f"`ray start` checks a token: set RAY_AUTH_MODE=token (see the README)"
         ) from None
     return True
-
-
-def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
-    """Fails fast, naming the address, when no Ray head listens there.
-
-    Ray itself would retry for tens of seconds, printing a warning every second.
-    """
-    if address is None or address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not port.isdigit():
-        raise InputError(f"--address must be HOST:PORT, got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as error:
-        raise InputError(f"no Ray cluster answers at {address} ({error.__class__.__name__})") from None
 
 
 def _quiet_libraries(output: str) -> None:

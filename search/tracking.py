@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import mlflow
 import pyarrow as pa
@@ -23,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from search.settings import check_tracking_uri, sqlite_file
 from trainables.config import METRIC, TrialConfig
 from trainables.errors import InputError
 from trainables.trainable import DIVERGED, REPORTED_METRICS
@@ -48,54 +48,12 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-KNOWN_SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
-
-
-def check_tracking_uri(uri: str) -> str:
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in KNOWN_SCHEMES:
-        known = ", ".join(sorted(s for s in KNOWN_SCHEMES if s))
-        raise InputError(f"unknown tracking URI scheme {scheme!r} in {uri} (known: {known})")
-    return uri
-
-
-def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
-    """Fails fast, naming the URI, when the store cannot be reached or created.
-
-    MLflow's own client would retry an unreachable server for minutes before failing.
-    """
-    database = sqlite_file(uri)
-    if database is not None and not database.resolve().parent.is_dir():
-        raise InputError(
-            f"cannot create MLflow store {uri}: folder {database.resolve().parent} does not exist"
-        )
-    if urlparse(uri).scheme in {"http", "https"}:
-        try:
-            response = requests.get(
-                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                params={"max_results": 1},
-                timeout=timeout_s,
-            )
-        except requests.RequestException as error:
-            raise InputError(
-                f"MLflow tracking server {uri} is unreachable ({type(error).__name__})"
-            ) from None
-        if response.status_code >= 500:
-            raise InputError(f"MLflow tracking server {uri} answered HTTP {response.status_code}")
-
-
 def check_store_exists(uri: str) -> str:
     """For readers: a SQLite store that is not there is a typo, not an empty store to create."""
     database = sqlite_file(check_tracking_uri(uri))
     if database is not None and not database.exists():
         raise InputError(f"no MLflow store at {database} (from {uri})")
     return uri
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (sqlite:///rel.db, sqlite:////abs.db), else None."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
 
 
 def default_tracking_uri() -> str:

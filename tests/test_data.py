@@ -9,7 +9,8 @@ import torch
 from conftest import CLASSES, write_image_folder
 
 from trainables import data
-from trainables.data import DataSettings, channel_statistics, load_images, load_splits, stratified_split
+from trainables.config import DataSettings
+from trainables.data import channel_statistics, load_images, load_splits, stratified_split
 from trainables.errors import InputError
 
 

@@ -13,11 +13,11 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search import run
-from search.sweep import SweepSettings, run_sweep
+from search.settings import SweepSettings
+from search.sweep import run_sweep
 from spaces import registry
 from spaces.registry import SearchSpace
-from trainables.config import METRIC
-from trainables.data import DataSettings
+from trainables.config import METRIC, DataSettings
 from trainables.trainable import train_convnet
 
 pytestmark = pytest.mark.slow

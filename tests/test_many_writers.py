@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.sweep import SweepSettings, run_sweep
-from trainables.data import DataSettings
+from search.settings import SweepSettings
+from search.sweep import run_sweep
+from trainables.config import DataSettings
 from trainables.trainable import REPORTED_METRICS
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
-from search.sweep import SweepSettings, run_sweep
-from trainables.config import METRIC
-from trainables.data import DataSettings
+from search.settings import SweepSettings
+from search.sweep import run_sweep
+from trainables.config import METRIC, DataSettings
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The one definition of a trial's config and of the metric a sweep optimizes.
+"""The one definition of a trial's config, of the data settings, and of the metric a sweep optimizes.
 
 Search spaces produce it, the trainable consumes it, checkpoints and exports
 store it. Unknown keys and out-of-range values are errors, never ignored.
@@ -89,3 +89,23 @@ class TrialConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise InputError(message)
+
+
+CIFAR10 = "cifar10"  # --data's default: torchvision's download, instead of a folder
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the images come from and how they are split."""
+
+    source: str = CIFAR10  # "cifar10", or a folder holding train/<class>/* (and test/<class>/*)
+    root: str = "data"  # where CIFAR-10 is downloaded and decoded folders are cached
+    val_size: int = 1000  # validation images held out of the training split
+    max_train_images: int | None = None  # train on fewer images, for quick runs
+    seed: int = 0  # fixes the split
+
+    def __post_init__(self) -> None:
+        if self.val_size < 1:
+            raise InputError(f"--val-size must be >= 1, got {self.val_size}")
+        if self.max_train_images is not None and self.max_train_images < 1:
+            raise InputError(f"--max-train-images must be >= 1, got {self.max_train_images}")

@@ -19,27 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from trainables.config import CIFAR10, DataSettings
 from trainables.errors import InputError
 
-CIFAR10 = "cifar10"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Where the images come from and how they are split."""
-
-    source: str = CIFAR10  # "cifar10", or a folder holding train/<class>/* (and test/<class>/*)
-    root: str = "data"  # where CIFAR-10 is downloaded and decoded folders are cached
-    val_size: int = 1000  # validation images held out of the training split
-    max_train_images: int | None = None  # train on fewer images, for quick runs
-    seed: int = 0  # fixes the split
-
-    def __post_init__(self) -> None:
-        if self.val_size < 1:
-            raise InputError(f"--val-size must be >= 1, got {self.val_size}")
-        if self.max_train_images is not None and self.max_train_images < 1:
-            raise InputError(f"--max-train-images must be >= 1, got {self.max_train_images}")
 
 
 @dataclass

@@ -1,0 +1,151 @@
+"""What a sweep is asked to do, validated, and fast checks that the places it names answer.
+
+Light on purpose: `search.run` rejects bad options and unreachable servers in about a
+second, before it loads torch, Ray and MLflow.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+from search.storage import StoredFile, join, resolve_storage
+from spaces import get_space
+from trainables.config import DataSettings
+from trainables.errors import InputError
+
+SCHEDULERS = ("asha", "fifo")
+# What `search.run` shows while it sweeps: this line (default), Tune's own tables (--verbose),
+# or nothing but the final summary (--quiet).
+OUTPUTS = ("progress", "verbose", "quiet")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Every option of `search.run`, validated; the CLI builds one from its arguments."""
+
+    space: str
+    data: DataSettings = field(default_factory=DataSettings)
+    epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
+    num_samples: int = 8
+    scheduler: str = "asha"
+    seed: int = 0
+    gpus_per_trial: float | None = None  # None: GPUS_PER_TRIAL_WHEN_PRESENT if the cluster has GPUs
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None  # None: as many as the resources allow
+    max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
+    tracking_uri: str | None = None  # None: MLflow's default
+    experiment: str | None = None  # None: "cifar10-<space>"
+    storage_path: str = "~/ray_results"
+    name: str | None = None  # None: "<space>-<timestamp>"
+    resume: bool = False
+    address: str | None = None  # an existing Ray cluster; None: a local one
+    output: str = "progress"  # one of OUTPUTS: a status line, Tune's own tables, or nothing
+
+    def __post_init__(self) -> None:
+        get_space(self.space)  # an unknown name fails here, with the known ones
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
+            (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
+            (self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}"),
+            (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
+            (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
+            (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
+            (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        if self.tracking_uri is not None:
+            check_tracking_uri(self.tracking_uri)
+        resolve_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
+        if self.name is None:  # fixed once, so every reader sees the same name
+            object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"cifar10-{self.space}"
+
+    @property
+    def storage(self) -> str:
+        """Tune's storage: an absolute local folder, or a filesystem URI as given."""
+        return resolve_storage(self.storage_path)
+
+    @property
+    def sweep_location(self) -> str:
+        return join(self.storage, self.sweep_name)
+
+    @property
+    def journal(self) -> StoredFile:
+        """MLflow writes that wait while MLflow fails: written later, or by --resume."""
+        return StoredFile(join(self.sweep_location, "mlflow-pending.json"))
+
+    @property
+    def sweep_name(self) -> str:
+        assert self.name is not None  # set in __post_init__
+        return self.name
+
+
+KNOWN_SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+
+
+def check_tracking_uri(uri: str) -> str:
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in KNOWN_SCHEMES:
+        known = ", ".join(sorted(s for s in KNOWN_SCHEMES if s))
+        raise InputError(f"unknown tracking URI scheme {scheme!r} in {uri} (known: {known})")
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fails fast, naming the URI, when the store cannot be reached or created.
+
+    MLflow's own client would retry an unreachable server for minutes before failing.
+    """
+    database = sqlite_file(uri)
+    if database is not None and not database.resolve().parent.is_dir():
+        raise InputError(
+            f"cannot create MLflow store {uri}: folder {database.resolve().parent} does not exist"
+        )
+    if urlparse(uri).scheme in {"http", "https"}:
+        try:
+            response = requests.get(
+                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                timeout=timeout_s,
+            )
+        except requests.RequestException as error:
+            raise InputError(
+                f"MLflow tracking server {uri} is unreachable ({type(error).__name__})"
+            ) from None
+        if response.status_code >= 500:
+            raise InputError(f"MLflow tracking server {uri} answered HTTP {response.status_code}")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (sqlite:///rel.db, sqlite:////abs.db), else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fails fast, naming the address, when no Ray head listens there.
+
+    Ray itself would retry for tens of seconds, printing a warning every second.
+    """
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise InputError(f"--address must be HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise InputError(f"no Ray cluster answers at {address} ({error.__class__.__name__})") from None
