@@ -80,11 +80,11 @@ class SweepProgress(tune.Callback):
         ended = "diverged" if last.get(DIVERGED) else "finished"
         accuracy = last.get(METRIC)
         score = f": {METRIC} {accuracy:.4f}" if accuracy is not None else ""
-        event = f"trial {trial.trial_id} {ended} at epoch {last.get('epoch', 0)}{score}"
+        event = f"trial-{trial.trial_id} {ended} at epoch {last.get('epoch', 0)}{score}"  # its MLflow run
         self._show(self.status(trials, ending={trial.trial_id: "TERMINATED"}), event)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), f"trial {trial.trial_id} failed")
+        self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), f"trial-{trial.trial_id} failed")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._show(self.status(trials))

@@ -53,7 +53,7 @@ def test_into_a_pipe_it_prints_plain_status_lines_and_no_tune_tables(image_folde
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     status_lines = [line for line in lines if "] trials: " in line]
-    events = [line for line in status_lines if line.startswith("trial ")]
+    events = [line for line in status_lines if line.startswith("trial-")]
     assert len(events) == 2 and all(" finished at epoch 1: val_acc " in line for line in events)
     assert "trials: 2 done, 0 running, 0 pending, 0 failed, 0 diverged" in status_lines[-1]
     assert "best val_acc " in status_lines[-1]
