@@ -118,6 +118,7 @@ def sweep_overhead(data: DataSettings, space: str, trials: int, seed: int) -> Sw
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
             storage_path=f"{workdir}/ray",
             name="bench",
+            output="quiet",  # the benchmark prints its own figures
         )
         started = time.perf_counter()
         outcome = run_sweep(settings)
