@@ -8,8 +8,9 @@ trials 0 .. k - window have finished, telling it exactly those. So trial k is
 always proposed from the same finished trials (and the same running ones), and
 the same seed gives the same configs.
 
-The cost: with `window` trials at once, trial k waits for trial k - window even
-when a later one has finished. For trials of similar length that wait is short.
+The cost: trial k waits for trial k - window even when a later one has finished.
+A window of one more than the trials at once keeps a proposal ready for the next
+free slot, unless two trials finish out of order in a row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ray.tune.search import Searcher
 class InOrderSearcher(Searcher):
     def __init__(self, searcher: Searcher, window: int, num_samples: int) -> None:
         self.searcher = searcher
-        self.window = window  # trials that can run at once
+        self.window = window  # proposals that may be out at once: trial k waits for k - window
         self.num_samples = num_samples
         self.proposed: list[str] = []  # trial ids, in the order they were proposed
         self.finished: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told

@@ -166,8 +166,11 @@ def _searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) 
     optuna_search = OptunaSearch(
         space=space.define, metric=METRIC, mode=MODE, points_to_evaluate=[space.first_point], sampler=sampler
     )
-    # The same seed gives the same configs, however the parallel trials' timing falls.
-    return InOrderSearcher(optuna_search, window=trials_at_once, num_samples=settings.num_samples)
+    # The same seed gives the same configs, however the parallel trials' timing falls. One more
+    # than the trials at once, so the next proposal is ready when any trial frees its slot: with
+    # exactly that many, a trial ending before an earlier one left its slot idle (and its actor
+    # released) until the earlier one ended, measured at +0.08 on the benchmark's overhead.
+    return InOrderSearcher(optuna_search, window=trials_at_once + 1, num_samples=settings.num_samples)
 
 
 def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
