@@ -20,8 +20,8 @@ from trainables.config import DataSettings
 from trainables.errors import InputError
 
 SCHEDULERS = ("asha", "fifo")
-# What `search.run` shows while it sweeps: this line (default), Tune's own tables (--verbose),
-# or nothing but the final summary (--quiet).
+# What `search.run` shows while it sweeps: one status line (default), Tune's own tables
+# (--verbose), or nothing but the final summary (--quiet).
 OUTPUTS = ("progress", "verbose", "quiet")
 
 
@@ -35,7 +35,7 @@ class SweepSettings:
     num_samples: int = 8
     scheduler: str = "asha"
     seed: int = 0
-    gpus_per_trial: float | None = None  # None: GPUS_PER_TRIAL_WHEN_PRESENT if the cluster has GPUs
+    gpus_per_trial: float | None = None  # None: search.sweep's GPUS_PER_TRIAL_WHEN_PRESENT with GPUs
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None  # None: as many as the resources allow
     max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
