@@ -34,11 +34,18 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 
 from search.best_config import write_best
 from search.export import best_trial
-from search.tracking import BEST_METRIC, SPACE_TAG, SWEEP_TAG, TRIAL_TABLE_ARTIFACT, trial_table
+from search.tracking import (
+    BEST_METRIC,
+    SPACE_TAG,
+    SWEEP_TAG,
+    TRIAL_TABLE_ARTIFACT,
+    is_diverged,
+    status_counts,
+    trial_table,
+)
 from spaces import SearchSpace, get_space
 from trainables.config import METRIC, TrialConfig
 from trainables.errors import InputError
-from trainables.trainable import DIVERGED
 
 IMPORTANCE_JSON = "importance.json"
 IMPORTANCE_PNG = "importance.png"
@@ -110,7 +117,7 @@ def scored_trials(children: list[Run]) -> list[ScoredTrial]:
             run=run,
             config=TrialConfig.from_params(run.data.params),
             accuracy=run.data.metrics[BEST_METRIC],
-            diverged=run.data.tags.get(DIVERGED) == "true",
+            diverged=is_diverged(run),
         )
         for run in children
         if BEST_METRIC in run.data.metrics
@@ -282,11 +289,9 @@ def summary_markdown(
     importance: dict[str, Any],
     best_note: str,
 ) -> str:
-    statuses: dict[str, int] = {}
-    for run in children:
-        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
-    diverged = sum(run.data.tags.get(DIVERGED) == "true" for run in children)
-    counts = ", ".join(f"{count} {status.lower()}" for status, count in sorted(statuses.items()))
+    diverged = sum(map(is_diverged, children))
+    statuses = sorted(status_counts(children).items())
+    counts = ", ".join(f"{count} {status.lower()}" for status, count in statuses)
     lines = [
         f"# Sweep `{parent.data.tags.get(SWEEP_TAG, parent.info.run_name)}`",
         "",

@@ -31,13 +31,15 @@ from search.tracking import (
     child_runs,
     default_tracking_uri,
     get_or_create_experiment,
+    is_diverged,
     start_sweep_run,
+    status_counts,
 )
 from spaces import SearchSpace, get_space
 from trainables.config import METRIC, MODE
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
-from trainables.trainable import DIVERGED, TrialSettings, train_convnet
+from trainables.trainable import TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
 # after kill -9 continue trials from their latest epoch. Tune warns about it each time.
@@ -234,9 +236,6 @@ def _outcome(
     parent = client.get_run(parent_run_id)
     children = child_runs(client, parent)
     best = best_child_run(children)
-    statuses: dict[str, int] = {}
-    for run in children:
-        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
     return SweepOutcome(
         sweep=settings.sweep_name,
         experiment=settings.experiment_name,
@@ -245,12 +244,12 @@ def _outcome(
         best_run_id=best.info.run_id if best else None,
         best_accuracy=best.data.metrics[BEST_METRIC] if best else None,
         best_config=dict(best.data.params) if best else {},
-        trial_statuses=statuses,
+        trial_statuses=status_counts(children),
         interrupted=parent.info.status == "KILLED",
         failures={
             run.info.run_name: (run.data.tags.get(ERROR_TAG, "").strip().splitlines() or ["?"])[-1]
             for run in children
             if run.info.status == "FAILED"
         },
-        diverged=sum(run.data.tags.get(DIVERGED) == "true" for run in children),
+        diverged=sum(map(is_diverged, children)),
     )

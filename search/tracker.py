@@ -258,7 +258,8 @@ class SweepTracker(tune.Callback):
 
     def _finish_sweep(self, interrupted: bool) -> None:
         """Summarizes the sweep on its parent run and closes it: KILLED when interrupted."""
-        children = child_runs(self.client, self.client.get_run(self.parent_run_id))
+        parent = self.client.get_run(self.parent_run_id)
+        children = child_runs(self.client, parent)
         best = best_child_run(children)
         if best is not None:
             self.client.log_batch(
@@ -269,7 +270,7 @@ class SweepTracker(tune.Callback):
                     RunTag("best_trial_id", best.data.tags.get(TRIAL_ID_TAG, "")),
                 ],
             )
-        write_sweep_report(self.client, self.client.get_run(self.parent_run_id), children)
+        write_sweep_report(self.client, parent, children)
         self.client.set_terminated(self.parent_run_id, "KILLED" if interrupted else "FINISHED")
 
     # Child runs ---------------------------------------------------------------

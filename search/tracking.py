@@ -126,6 +126,18 @@ def best_child_run(children: list[Run]) -> Run | None:
     return max(ranked, key=lambda run: (run.data.metrics[BEST_METRIC], -run.info.start_time), default=None)
 
 
+def is_diverged(run: Run) -> bool:
+    return run.data.tags.get(DIVERGED) == "true"
+
+
+def status_counts(children: list[Run]) -> dict[str, int]:
+    """How many trials ended in each MLflow status (FINISHED, FAILED, KILLED, RUNNING)."""
+    counts: dict[str, int] = {}
+    for run in children:
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
+
+
 def trial_table(children: list[Run]) -> pa.Table:
     """One row a trial: its config, final and best metrics, status."""
     rows = []
@@ -134,7 +146,7 @@ def trial_table(children: list[Run]) -> pa.Table:
             "trial_id": run.data.tags.get(TRIAL_ID_TAG),
             "run_id": run.info.run_id,
             "status": run.info.status,
-            "diverged": run.data.tags.get(DIVERGED) == "true",
+            "diverged": is_diverged(run),
             **TrialConfig.from_params(run.data.params).to_dict(),
         }
         row.update({f"final_{name}": run.data.metrics.get(name) for name in REPORTED_METRICS})
