@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from search.storage import StoredFile, join, resolve_storage
+from search.storage import StoredFile, check_storage, join, resolve_storage
 from spaces import get_space
 from trainables.config import DataSettings
 from trainables.errors import InputError
@@ -65,7 +65,7 @@ class SweepSettings:
                 raise InputError(message)
         if self.tracking_uri is not None:
             check_tracking_uri(self.tracking_uri)
-        resolve_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
+        check_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
         if self.name is None:  # fixed once, so every reader sees the same name
             object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
 

@@ -8,7 +8,6 @@ credentials, exactly as Tune does with the same string).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -20,13 +19,18 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def resolve_storage(location: str) -> str:
-    """A URI as given; a local path made absolute, so every process reads the same folder."""
+def check_storage(location: str) -> None:
+    """A URI no filesystem opens is refused (for s3:// and the like, this asks the network)."""
     if is_uri(location):
         try:
             pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
             raise InputError(f"--storage-path {location} cannot be opened: {error}") from None
+
+
+def resolve_storage(location: str) -> str:
+    """A URI as given; a local path made absolute, so every process reads the same folder."""
+    if is_uri(location):
         return location.rstrip("/")
     return str(Path(location).expanduser().resolve())
 
@@ -36,16 +40,10 @@ def join(location: str, name: str) -> str:
 
 
 class StoredFile:
-    """A small text file at a local path or a filesystem URI; picklable, it keeps only its location."""
+    """A small text file at a local path or a filesystem URI; it keeps only its location."""
 
     def __init__(self, location: str) -> None:
         self.location = location
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"location": self.location}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.location = state["location"]
 
     def __str__(self) -> str:
         return self.location
