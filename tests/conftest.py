@@ -56,6 +56,18 @@ def ray_runtime():
     ray.shutdown()
 
 
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` to its end, output captured, with no tracking URI from the caller's shell."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_search_run(args: list[str], cwd: Path) -> subprocess.Popen:
     """`python -m search.run ARGS` as a user would start it, in its own process group (so a test
     can signal it, or kill it together with the Ray processes it started)."""

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
-
-
-def run_command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from conftest import free_port, run_module
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
@@ -71,18 +56,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     ],
 )
 def test_search_run_refuses(args, message, tmp_path):
-    result = run_command("search.run", *args, cwd=tmp_path)
+    result = run_module("search.run", *args, cwd=tmp_path)
     assert_one_line_error(result, message)
     assert list(tmp_path.iterdir()) == []  # no MLflow store, no results folder, no cache
 
 
 def test_an_unreachable_tracking_server_fails_within_ten_seconds_naming_it(tmp_path):
-    with socket.socket() as listener:  # a port that nothing listens on once this closes
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"  # a port that nothing listens on
     started = time.monotonic()
-    result = run_command("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
+    result = run_module("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
     assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable")
     # the interpreter's imports take a few seconds of that; the check itself, under one
     assert time.monotonic() - started < 10
@@ -92,7 +74,7 @@ def test_an_unreachable_tracking_server_fails_within_ten_seconds_naming_it(tmp_p
 def test_an_address_where_no_ray_cluster_listens_fails_fast_naming_it(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = run_command("search.run", "--space", "sgd", "--address", address, cwd=tmp_path)
+    result = run_module("search.run", "--space", "sgd", "--address", address, cwd=tmp_path)
     assert_one_line_error(result, f"no Ray cluster answers at {address} (ConnectionRefusedError)")
     assert time.monotonic() - started < 10
     assert list(tmp_path.iterdir()) == []
@@ -104,7 +86,7 @@ def test_a_blackholed_tracking_server_times_out_within_ten_seconds(tmp_path):
         listener.listen(8)
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
         started = time.monotonic()
-        result = run_command("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
+        result = run_module("search.run", "--space", "sgd", "--tracking-uri", uri, cwd=tmp_path)
         elapsed = time.monotonic() - started
     assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable (ReadTimeout)")
     assert elapsed < 10  # a 3 s timeout, plus the interpreter's start
@@ -131,7 +113,7 @@ def test_an_unusable_image_folder_is_refused(layout, message, tmp_path):
             image.rename(folder / path / image.name)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    result = run_command("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
+    result = run_module("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
     assert_one_line_error(result, message)
     assert list(workdir.iterdir()) == []
 
@@ -144,7 +126,7 @@ def test_an_image_folder_with_a_broken_image_names_the_file(tmp_path):
     broken.write_bytes(b"\x89PNG truncated")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    result = run_command("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
+    result = run_module("search.run", "--space", "sgd", "--data", str(folder), cwd=workdir)
     assert_one_line_error(result, f"cannot read image {broken}")
     assert list(workdir.iterdir()) == []
 
@@ -208,20 +190,20 @@ def without(values: dict, *path: str) -> dict:
 def test_search_retrain_refuses_a_bad_best_json(content, message, tmp_path):
     best = tmp_path / "best.json"
     best.write_text(content)
-    result = run_command("search.retrain", str(best), cwd=tmp_path)
+    result = run_module("search.retrain", str(best), cwd=tmp_path)
     assert_one_line_error(result, message)
     assert list(tmp_path.iterdir()) == [best]
 
 
 def test_search_retrain_refuses_a_missing_file(tmp_path):
     assert_one_line_error(
-        run_command("search.retrain", "nothing.json", cwd=tmp_path), "nothing.json not found"
+        run_module("search.retrain", "nothing.json", cwd=tmp_path), "nothing.json not found"
     )
 
 
 def test_search_export_refuses_an_unknown_experiment(tmp_path):
     store = f"sqlite:///{tmp_path}/m.db"
-    result = run_command(
+    result = run_module(
         "search.export", "--experiment", "ghost", "--tracking-uri", store, "--out", "b.json", cwd=tmp_path
     )
     assert_one_line_error(result, f"no MLflow store at {tmp_path}/m.db")

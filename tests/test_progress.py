@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_module
 
 from search.progress import SweepStatus
 
@@ -34,22 +34,21 @@ def test_before_any_result_the_line_says_the_remaining_time_is_unknown():
     assert status.line() == "[3s] trials: 0 done, 0 running, 4 pending, 0 failed, 0 diverged | ETA ?"
 
 
-def sweep_command(image_folder: Path, workdir: Path, *extra: str) -> list[str]:
+def sweep_args(image_folder: Path, workdir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "search.run", "--space", "nesterov", "--data", str(image_folder),
+        "--space", "nesterov", "--data", str(image_folder),
         "--data-root", str(workdir / "cache"), "--val-size", "9", "--num-samples", "2", "--epochs", "1",
         "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--storage-path", str(workdir / "ray"), *extra,
     ]  # fmt: skip
 
 
-def run_to_a_pipe(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def sweep_to_a_pipe(image_folder: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_module("search.run", *sweep_args(image_folder, workdir, *extra), cwd=workdir, timeout=300)
 
 
 @pytest.mark.slow
 def test_into_a_pipe_it_prints_plain_status_lines_and_no_tune_tables(image_folder, tmp_path):
-    result = run_to_a_pipe(sweep_command(image_folder, tmp_path), tmp_path)
+    result = sweep_to_a_pipe(image_folder, tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     status_lines = [line for line in lines if "] trials: " in line]
@@ -66,7 +65,11 @@ def test_on_a_terminal_it_rewrites_one_line_in_place(image_folder, tmp_path):
     controller, terminal = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     process = subprocess.Popen(
-        sweep_command(image_folder, tmp_path), cwd=tmp_path, env=env, stdout=terminal, stderr=terminal
+        [sys.executable, "-m", "search.run", *sweep_args(image_folder, tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=terminal,
+        stderr=terminal,
     )
     os.close(terminal)
     output = b""
@@ -86,7 +89,7 @@ def test_on_a_terminal_it_rewrites_one_line_in_place(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_quiet_prints_only_the_final_summary(image_folder, tmp_path):
-    result = run_to_a_pipe(sweep_command(image_folder, tmp_path, "--quiet"), tmp_path)
+    result = sweep_to_a_pipe(image_folder, tmp_path, "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout.lstrip().startswith("Sweep ") and "] trials: " not in result.stdout
     assert result.stderr == ""
@@ -94,13 +97,12 @@ def test_quiet_prints_only_the_final_summary(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_verbose_brings_back_tunes_own_tables(image_folder, tmp_path):
-    result = run_to_a_pipe(sweep_command(image_folder, tmp_path, "--verbose"), tmp_path)
+    result = sweep_to_a_pipe(image_folder, tmp_path, "--verbose")
     assert result.returncode == 0, result.stderr
     assert TUNE_TABLE in result.stdout and "] trials: " not in result.stdout
 
 
 def test_verbose_and_quiet_cannot_be_combined(tmp_path):
-    command = [sys.executable, "-m", "search.run", "--space", "sgd", "--verbose", "--quiet"]
-    result = run_to_a_pipe(command, tmp_path)
+    result = run_module("search.run", "--space", "sgd", "--verbose", "--quiet", cwd=tmp_path)
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
