@@ -20,8 +20,8 @@ from trainables.checkpoint import ModelSpec
 from trainables.config import METRIC, DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
-from trainables.loop import Normalizer, batch_order, evaluate, place_images, train_epoch
-from trainables.model import as_module, build_optimizer
+from trainables.loop import Training
+from trainables.model import as_module
 
 PROG = "search.retrain"
 
@@ -38,11 +38,7 @@ def retrain(
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelSpec(best.spec.config, splits.input_shape, splits.classes, splits.mean, splits.std)
-    model = spec.build(seed=best.seed, device=device)
-    optimizer = build_optimizer(model, spec.config)
-    normalize = Normalizer(spec.mean, spec.std, device)
-    train_images, train_labels = place_images(splits.train_images, device), splits.train_labels.to(device)
-    val_images, val_labels = place_images(splits.val_images, device), splits.val_labels.to(device)
+    training = Training(spec, splits, best.seed, device)
 
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = get_or_create_experiment(mlflow.MlflowClient(tracking_uri), best.experiment)
@@ -50,16 +46,12 @@ def retrain(
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{best.sweep}", tags=tags) as run:
         mlflow.log_params({**spec.config.to_dict(), "epochs": epochs, "seed": best.seed})
         mlflow.log_params({f"data_{key}": value for key, value in dataclasses.asdict(data).items()})
-        for epoch in range(1, epochs + 1):
-            trained = train_epoch(
-                model, optimizer, train_images, train_labels, normalize,
-                spec.config.batch_size, batch_order(best.seed, epoch),
-            )  # fmt: skip
-            if trained.diverged:
+        for report in training.epochs(1, epochs):
+            if report.diverged:
                 raise InputError(
-                    f"training diverged in epoch {epoch}: the config's learning rate is too high"
+                    f"training diverged in epoch {report.epoch}: the config's learning rate is too high"
                 )
-            val = evaluate(model, val_images, val_labels, normalize)
+            trained, val = report.train, report.val
             mlflow.log_metrics(
                 {
                     "train_loss": trained.loss,
@@ -67,16 +59,16 @@ def retrain(
                     METRIC: val.accuracy,
                     "val_loss": val.loss,
                 },
-                step=epoch,
+                step=report.epoch,
             )
             print(
-                f"epoch {epoch}/{epochs}: train loss {trained.loss:.4f}, "
+                f"epoch {report.epoch}/{epochs}: train loss {trained.loss:.4f}, "
                 f"validation accuracy {val.accuracy:.4f}"
             )
-        tested = evaluate(model, place_images(test.images, device), test.labels.to(device), normalize)
+        tested = training.evaluate(test.images, test.labels)
         mlflow.log_metrics({"test_acc": tested.accuracy, "test_loss": tested.loss}, step=epochs)
-        module = as_module(model, spec.config, spec.input_shape, spec.num_classes).cpu().eval()
-        example = normalize(test.images[:2].to(device)).cpu().numpy()
+        module = as_module(training.model, spec.config, spec.input_shape, spec.num_classes).cpu().eval()
+        example = training.normalize(test.images[:2].to(device)).cpu().numpy()
         model_info = mlflow.pytorch.log_model(
             module, name="model", input_example=example, registered_model_name=register
         )

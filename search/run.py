@@ -20,7 +20,7 @@ from search.cli import (
 )
 from search.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
-from trainables.config import CIFAR10, DataSettings
+from trainables.config import CIFAR10, PRECISIONS, DataSettings
 
 if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
     from search.sweep import SweepOutcome
@@ -41,12 +41,18 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     sweep.add_argument("--num-samples", type=positive_int, default=8, help="trials (default: 8)")
     sweep.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
     sweep.add_argument("--seed", type=non_negative_int, default=0)
+    sweep.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="model arithmetic (default auto: bf16 where the CPU or GPU has it natively, else fp32)",
+    )
     sweep.add_argument("--max-failures", type=non_negative_int, default=0, help="retries of a crashed trial")
     resources = parser.add_argument_group("resources")
     resources.add_argument(
         "--gpus-per-trial",
         type=non_negative_float,
-        help="fractions share a GPU (default: 0.25 with a GPU, else 0)",
+        help="fractions share a GPU (default: as many trials to a GPU as its memory and cores fit)",
     )
     resources.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
     resources.add_argument(
@@ -76,6 +82,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         num_samples=args.num_samples,
         scheduler=args.scheduler,
         seed=args.seed,
+        precision=args.precision,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent,

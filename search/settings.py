@@ -16,7 +16,7 @@ import requests
 
 from search.storage import StoredFile, check_storage, join, resolve_storage
 from spaces import get_space
-from trainables.config import DataSettings
+from trainables.config import PRECISIONS, DataSettings
 from trainables.errors import InputError
 
 SCHEDULERS = ("asha", "fifo")
@@ -35,7 +35,8 @@ class SweepSettings:
     num_samples: int = 8
     scheduler: str = "asha"
     seed: int = 0
-    gpus_per_trial: float | None = None  # None: search.sweep's GPUS_PER_TRIAL_WHEN_PRESENT with GPUs
+    precision: str = "auto"  # one of trainables.loop.PRECISIONS
+    gpus_per_trial: float | None = None  # None: as many trials to a GPU as fit (search.gpu_packing)
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None  # None: as many as the resources allow
     max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
@@ -58,6 +59,7 @@ class SweepSettings:
             (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
             (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
         ]
         for ok, message in checks:

@@ -1,67 +1,101 @@
-"""The train loop learns, notices divergence, and is deterministic."""
+"""The one training path learns, notices divergence, is deterministic, and resumes where it stopped."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import TrialConfig
-from trainables.loop import Normalizer, batch_order, evaluate, train_epoch
-from trainables.model import build_model, build_optimizer
+from trainables.data import ImageSplits
+from trainables.errors import InputError
+from trainables.loop import Acceleration, Training, resolve_precision
+
+CPU = torch.device("cpu")
+FP32 = Acceleration(precision="fp32")
 
 
-def separable_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def separable_splits(count: int, seed: int = 0) -> ImageSplits:
     """Three classes told apart by which colour channel is bright: easy for any convnet."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(count) % 3
     images = torch.randint(0, 90, (count, 3, 8, 8), generator=generator, dtype=torch.uint8)
     images[torch.arange(count), labels] += 140
-    return images, labels
+    return ImageSplits(images, labels, images, labels, ("r", "g", "b"), (0.5,) * 3, (0.25,) * 3)
 
 
-def small_model(config: TrialConfig):
-    model = build_model(config, (3, 8, 8), num_classes=3, seed=0)
-    return model, build_optimizer(model, config)
+def training_for(config: TrialConfig, splits: ImageSplits, seed: int = 0, acceleration=FP32) -> Training:
+    spec = ModelSpec(config, splits.input_shape, splits.classes, splits.mean, splits.std)
+    return Training(spec, splits, seed, CPU, acceleration)
 
 
-NORMALIZE = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+SMALL = {"channel_1": 8, "channel_2": 4}
 
 
 def test_it_learns_a_separable_set():
-    config = TrialConfig(channel_1=8, channel_2=4, lr=0.01, batch_size=16)
-    model, optimizer = small_model(config)
-    images, labels = separable_images(300)
-    before = evaluate(model, images, labels, NORMALIZE)
-    for epoch in range(1, 4):
-        trained = train_epoch(model, optimizer, images, labels, NORMALIZE, 16, batch_order(0, epoch))
-    after = evaluate(model, images, labels, NORMALIZE)
+    training = training_for(TrialConfig(**SMALL, lr=0.01, batch_size=16), separable_splits(300))
+    before = training.evaluate()
+    reports = list(training.epochs(1, 3))
+    after = reports[-1].val
+    assert [report.epoch for report in reports] == [1, 2, 3]
     assert after.accuracy > 0.95 and after.loss < before.loss
-    assert trained.images_per_s > 0 and not trained.diverged
+    assert reports[-1].train.images_per_s > 0 and not reports[-1].diverged
 
 
-def test_every_style_learns():
-    images, labels = separable_images(300)
-    for style, optimizer in (("barebones", "sgd"), ("module", "sgd"), ("sequential", "nesterov")):
-        config = TrialConfig(model=style, optimizer=optimizer, channel_1=8, channel_2=4, lr=0.01)
-        model, step = small_model(config)
-        for epoch in range(1, 4):
-            train_epoch(model, step, images, labels, NORMALIZE, 16, batch_order(0, epoch))
-        assert evaluate(model, images, labels, NORMALIZE).accuracy > 0.9, style
+@pytest.mark.parametrize(
+    ("style", "optimizer"), [("barebones", "sgd"), ("module", "sgd"), ("sequential", "nesterov")]
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_style_learns_in_each_precision(style, optimizer, precision):
+    config = TrialConfig(model=style, optimizer=optimizer, **SMALL, lr=0.01, batch_size=16)
+    training = training_for(config, separable_splits(300), acceleration=Acceleration(precision=precision))
+    *_, last = training.epochs(1, 3)
+    assert last.val.accuracy > 0.9
 
 
-def test_a_huge_learning_rate_is_reported_as_diverged():
-    config = TrialConfig(channel_1=8, channel_2=4, lr=50.0, momentum=0.9, weight_decay=0.0)
-    model, optimizer = small_model(config)
-    images, labels = separable_images(800)
-    result = train_epoch(model, optimizer, images, labels, NORMALIZE, 16, batch_order(0, 1))
-    assert result.diverged
+def test_bf16_keeps_fp32_master_weights_and_momentum():
+    training = training_for(TrialConfig(**SMALL), separable_splits(64), acceleration=Acceleration("bf16"))
+    training.train_epoch(1)
+    assert all(weight.dtype == torch.float32 for weight in training.model.parameters())
+    assert all(s["momentum_buffer"].dtype == torch.float32 for s in training.optimizer.state.values())
+
+
+def test_a_huge_learning_rate_is_reported_as_diverged_and_ends_the_epochs():
+    config = TrialConfig(**SMALL, lr=50.0, momentum=0.9, weight_decay=0.0, batch_size=16)
+    reports = list(training_for(config, separable_splits(800)).epochs(1, 5))
+    assert len(reports) == 1 and reports[0].diverged
 
 
 def test_the_same_seed_gives_the_same_epoch():
-    images, labels = separable_images(200)
     results = []
     for _ in range(2):
-        model, optimizer = small_model(TrialConfig(channel_1=8, channel_2=4))
-        trained = train_epoch(model, optimizer, images, labels, NORMALIZE, 16, batch_order(3, 1))
-        results.append((trained.loss, trained.accuracy, model.state_dict()["fc.weight"]))
+        training = training_for(TrialConfig(**SMALL, batch_size=16), separable_splits(200), seed=3)
+        trained = training.train_epoch(1)
+        results.append((trained.loss, trained.accuracy, training.model.state_dict()["fc.weight"]))
     assert results[0][:2] == results[1][:2]
     assert torch.equal(results[0][2], results[1][2])
+
+
+def test_a_resumed_run_matches_one_that_never_stopped(tmp_path: Path):
+    config, splits = TrialConfig(**SMALL, batch_size=16), separable_splits(200)
+    straight = training_for(config, splits)
+    *_, straight_last = straight.epochs(1, 3)
+
+    first = training_for(config, splits)
+    *_, stopped = first.epochs(1, 2)
+    first.save(tmp_path, stopped.epoch)
+    resumed = training_for(config, splits, seed=0)
+    next_epoch = resumed.load(load_checkpoint(tmp_path))
+    (resumed_last,) = resumed.epochs(next_epoch, 3)
+    assert next_epoch == 3
+    assert resumed_last.train.loss == straight_last.train.loss
+    torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+    assert resolve_precision("auto", CPU) in {"fp32", "bf16"}
+    with pytest.raises(InputError, match="precision must be one of"):
+        Acceleration(precision="fp16")

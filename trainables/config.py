@@ -18,6 +18,8 @@ METRIC = "val_acc"  # the validation accuracy every sweep maximizes
 MODE = "max"
 
 MODEL_STYLES = ("barebones", "module", "sequential")
+# Arithmetic of a trial's model: auto is bf16 where the hardware computes in bf16 natively.
+PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("sgd", "nesterov")
 
 

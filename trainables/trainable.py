@@ -1,7 +1,7 @@
 """The Tune trainable: a trial's config in, one report with a checkpoint per epoch out.
 
-It is the only place in trainables/ that knows about Ray. Model, optimizer and
-loop come from the factory and loop modules; the images arrive through Ray's
+It is the only place in trainables/ that knows about Ray. The training itself is
+`trainables.loop.Training`, shared with retrain and the benchmark; the images arrive through Ray's
 object store (`tune.with_parameters`), so no trial reads or decodes files.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,10 @@ import ray
 import torch
 from ray import tune
 
-from trainables.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import METRIC, TrialConfig
 from trainables.data import ImageSplits
-from trainables.loop import EpochResult, Normalizer, batch_order, evaluate, place_images, train_epoch
-from trainables.model import build_optimizer
+from trainables.loop import Acceleration, EpochReport, Training
 
 DIVERGED = "diverged"  # result key: 1.0 when the loss stopped being finite
 WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
@@ -43,49 +42,36 @@ class TrialSettings:
 
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
     # Ray logs every persisted checkpoint at INFO level: one line a trial an epoch, to the console.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    trial_config = TrialConfig.from_dict(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _use_assigned_cpus()
-    spec = ModelSpec(trial_config, splits.input_shape, splits.classes, splits.mean, splits.std)
-    model = spec.build(seed=settings.seed, device=device)
-    optimizer = build_optimizer(model, trial_config)
+    spec = ModelSpec(
+        TrialConfig.from_dict(config), splits.input_shape, splits.classes, splits.mean, splits.std
+    )
+    training = Training(spec, splits, settings.seed, device, settings.acceleration)
 
     first_epoch = 1
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            saved = load_checkpoint(Path(directory))
-        model.load_state_dict(saved.model_state)
-        optimizer.load_state_dict(saved.optimizer_state)
-        first_epoch = saved.epoch + 1
+            first_epoch = training.load(load_checkpoint(Path(directory)))
 
-    train_images, train_labels = place_images(splits.train_images, device), splits.train_labels.to(device)
-    val_images, val_labels = place_images(splits.val_images, device), splits.val_labels.to(device)
-    normalize = Normalizer(splits.mean, splits.std, device)
-
-    for epoch in range(first_epoch, settings.max_epochs + 1):
-        order = batch_order(settings.seed, epoch)
-        train = train_epoch(
-            model, optimizer, train_images, train_labels, normalize, trial_config.batch_size, order
-        )
-        val = evaluate(model, val_images, val_labels, normalize) if not train.diverged else train
-        if val.diverged:
-            tune.report({METRIC: WORST_ACCURACY, DIVERGED: 1.0, "epoch": epoch})
+    for report in training.epochs(first_epoch, settings.max_epochs):
+        if report.diverged:
+            tune.report({METRIC: WORST_ACCURACY, DIVERGED: 1.0, "epoch": report.epoch})
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(Path(directory), spec, model, optimizer, epoch)
-            tune.report(
-                _epoch_metrics(epoch, train, val),
-                checkpoint=tune.Checkpoint.from_directory(directory),
-            )
+            training.save(Path(directory), report.epoch)
+            tune.report(_epoch_metrics(report), checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def _epoch_metrics(epoch: int, train: EpochResult, val: EpochResult) -> dict[str, float]:
+def _epoch_metrics(report: EpochReport) -> dict[str, float]:
+    train, val = report.train, report.val
     return {
         METRIC: val.accuracy,
         "val_loss": val.loss,
@@ -93,7 +79,7 @@ def _epoch_metrics(epoch: int, train: EpochResult, val: EpochResult) -> dict[str
         "train_acc": train.accuracy,
         "train_images_per_s": train.images_per_s,
         "epoch_time_s": train.seconds + val.seconds,
-        "epoch": epoch,
+        "epoch": report.epoch,
         DIVERGED: 0.0,
     }
 
