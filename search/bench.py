@@ -1,21 +1,20 @@
-"""`python -m search.bench`: how fast a trial trains, and how well a sweep fills the machine.
+"""`python -m search.bench`: how fast a trial trains, against the tutorial pipeline and the machine.
 
-In one process, on one device, with the same data (the assignment's Part IV
-model and settings, batch 64), each section measures side by side:
+In one run, on one device, with the same data (the assignment's Part IV model and
+settings, batch 64), each section measures side by side:
 
-- epochs: the project's loop (uint8 tensors on the device, batched
-  normalization, a device-side permutation) against the usual pipeline (a
-  torchvision dataset with per-image ToTensor and Normalize, a shuffling
-  DataLoader with a worker per core), alternated, each one's best epoch kept.
-  On CUDA also each part of the fast path switched off on its own.
-- memory (CUDA): what a CUDA process holds outside PyTorch's allocator, and
-  what one trial holds, for Part IV and for the widest config of the sweep space.
-- stacked: K trials trained as one in one process (vmap over stacked weights).
+- epochs: the project's training path (uint8 tensors on the device, batched
+  normalization, a device-side permutation) in fp32 and in bf16, against the usual
+  pipeline (a torchvision dataset with per-image ToTensor and Normalize, a
+  shuffling DataLoader with a worker per core, fp32), alternated, each one's best
+  epoch kept; the loop's GFLOP/s, counted from the model's multiply-adds, against
+  the machine's peak, measured by a large matrix product in each precision.
+- parallel: one trial of one thread alone, then two at once in two processes,
+  as a CPU sweep runs them: do they scale?
 - accuracy: Part IV for one epoch over several seeds, in fp32 and in bf16.
-- sweeps: real FIFO sweeps; wall time over the ideal (the sum of the trials'
-  epoch times over the trials at once; 1.0 is ideal), each trial's start-up cost,
-  and the images trained a second by all trials together. On CUDA one sweep per
-  packing level (trials sharing the GPU).
+- sweeps: a real FIFO sweep; its wall time over the ideal (the sum of the
+  trials' epoch times over the trials at once; 1.0 is ideal), each trial's
+  start-up cost, and the images trained a second by all trials together.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -38,32 +38,23 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from search.bench_devices import (
-    CUDA_VARIANTS,
-    PART_IV,
-    StackedTrials,
-    epoch_seconds,
-    gpu_memory_used_bytes,
-    part_iv_spec,
-    synchronize,
-    time_variant,
-)
 from search.cli import EXIT_OK, OneLineParser, non_negative_int, positive_int, run_command
-from search.gpu_packing import MEMORY_HEADROOM, trial_peak_bytes
 from search.settings import SweepSettings
 from search.sweep import run_sweep
 from search.tracking import child_runs
 from spaces import get_space
-from trainables.config import CIFAR10, DataSettings
+from trainables.checkpoint import ModelSpec
+from trainables.config import CIFAR10, DataSettings, TrialConfig
 from trainables.data import ImageSplits, load_splits, split_indices
 from trainables.errors import InputError
-from trainables.loop import Acceleration, Training, resolve_precision
-from trainables.model import build_model, build_optimizer
+from trainables.loop import Training, resolve_precision
+from trainables.model import build_model, build_optimizer, training_flops_per_image
 
 PROG = "search.bench"
-SECTIONS = ("epochs", "memory", "stacked", "accuracy", "sweeps")
-DEFAULT_SECTIONS = {"cpu": "epochs,sweeps", "cuda": "epochs,memory,stacked,sweeps"}
-STACKED_STEPS = {"cpu": 5, "cuda": 200}  # timed steps of a stack: enough to be steady on each device
+PART_IV = TrialConfig()  # the defaults are the assignment's Part IV settings
+SECTIONS = ("epochs", "parallel", "accuracy", "sweeps")
+DEFAULT_SECTIONS = "epochs,parallel,sweeps"
+PEAK_MATRIX_SIZE = 2048  # large enough that a product runs at the machine's peak, small enough to be quick
 
 
 @dataclass
@@ -75,14 +66,32 @@ class SweepTiming:
     overhead: float  # wall_s / (train_s / concurrent); 1.0 is ideal
     startup_s: list[float]  # per trial: from its start to its first epoch, less that epoch
     images_per_s: float  # images trained by all trials, over the wall time
-    training_images_per_s: float  # the same, over the span from the first epoch's start to the last's end
     store_create_s: float  # creating the MLflow store, once per store, before the clock
+
+
+def part_iv_spec(splits: ImageSplits) -> ModelSpec:
+    return ModelSpec(PART_IV, splits.input_shape, splits.classes, splits.mean, splits.std)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def project_epoch(splits: ImageSplits, device: torch.device, seed: int, precision: str) -> float:
+    """Images per second of one epoch through the project's own training path."""
+    training = Training(part_iv_spec(splits), splits, seed, device, precision)
+    synchronize(device)
+    started = time.perf_counter()
+    training.train_epoch(1)
+    synchronize(device)
+    return len(splits.train_labels) / (time.perf_counter() - started)
 
 
 def baseline_epoch(data: DataSettings, splits: ImageSplits, device: torch.device, seed: int) -> float:
     """Images per second of one epoch through a torchvision dataset and a DataLoader, as tutorials do.
 
-    Always fp32 and eager: this is the pipeline users start from.
+    Always fp32: this is the pipeline users start from.
     """
     from torchvision import datasets, transforms
 
@@ -115,85 +124,112 @@ def baseline_epoch(data: DataSettings, splits: ImageSplits, device: torch.device
     return len(train_index) / (time.perf_counter() - started)
 
 
+def peak_gflop_per_s(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The machine's matrix-product rate in one precision: the ceiling a training step can reach."""
+    size = PEAK_MATRIX_SIZE
+    left = torch.randn(size, size, device=device).to(dtype)
+    right = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):  # warm-up: thread pools, kernel choice
+        left @ right
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
 def measure_epochs(
     data: DataSettings, splits: ImageSplits, device: torch.device, repeats: int, seed: int
 ) -> dict[str, Any]:
     images = len(splits.train_labels)
-    precision = resolve_precision("auto", device)
+    default = resolve_precision("auto", device)
     print(f"Best epoch of {repeats}, Part IV, batch 64, {images} images, on {device}:", flush=True)
     # Alternated, each pipeline's best epoch kept: on a shared machine a slow moment then
     # lowers one measurement of each, not every measurement of one pipeline.
-    baseline, project = [], []
+    epochs: dict[str, list[float]] = {"baseline": [], "fp32": [], "bf16": []}
     for _ in range(repeats):
-        baseline.append(baseline_epoch(data, splits, device, seed))
-        project.append(images / epoch_seconds(splits, device, Acceleration(), epochs=1, seed=seed)[0])
+        epochs["baseline"].append(baseline_epoch(data, splits, device, seed))
+        for precision in ("fp32", "bf16"):
+            epochs[precision].append(project_epoch(splits, device, seed, precision))
+    flops = training_flops_per_image(PART_IV, splits.input_shape, splits.num_classes)
     figures: dict[str, Any] = {
-        "baseline_img_per_s": max(baseline),
+        "default_precision": default,
         "baseline_precision": "fp32",
-        "project_img_per_s": max(project),
-        "project_precision": precision,
-        "baseline_epochs_img_per_s": baseline,
-        "project_epochs_img_per_s": project,
+        "baseline_img_per_s": max(epochs["baseline"]),
+        "baseline_epochs_img_per_s": epochs["baseline"],
+        "train_mflop_per_image": flops / 1e6,
     }
-    figures["speedup"] = figures["project_img_per_s"] / figures["baseline_img_per_s"]
-    print(f"  torchvision dataset + DataLoader (fp32): {figures['baseline_img_per_s']:9.0f} images/s")
-    print(f"  project loop ({precision}):                {figures['project_img_per_s']:9.0f} images/s")
-    print(f"  speedup:                                 {figures['speedup']:9.2f}x", flush=True)
-    if device.type == "cuda":
-        print("Each part of the CUDA fast path (first epoch includes building, tuning and capture):")
-        figures["cuda_variants"] = {}
-        for name, acceleration in CUDA_VARIANTS.items():
-            timing = time_variant(splits, device, acceleration)
-            figures["cuda_variants"][name] = asdict(timing)
-            print(
-                f"  {name:32s} first epoch {timing.first_epoch_s:6.3f} s, then {timing.epoch_s:6.3f} s "
-                f"({timing.images_per_s:8.0f} images/s)",
-                flush=True,
-            )
+    print(f"  torchvision dataset + DataLoader, fp32: {figures['baseline_img_per_s']:9.0f} images/s")
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = max(epochs[precision])
+        achieved, peak = rate * flops / 1e9, peak_gflop_per_s(device, dtype)
+        figures.update(
+            {
+                f"project_{precision}_img_per_s": rate,
+                f"project_{precision}_epochs_img_per_s": epochs[precision],
+                f"project_{precision}_speedup": rate / figures["baseline_img_per_s"],
+                f"project_{precision}_gflop_per_s": achieved,
+                f"peak_{precision}_gflop_per_s": peak,
+                f"project_{precision}_of_peak": achieved / peak,
+            }
+        )
+        print(
+            f"  project loop, {precision}:                 {rate:9.0f} images/s, "
+            f"{rate / figures['baseline_img_per_s']:.2f}x the tutorial; {achieved:.0f} GFLOP/s "
+            f"= {achieved / peak:.1%} of the {peak:.0f} GFLOP/s {precision} peak",
+            flush=True,
+        )
+    figures["project_img_per_s"] = figures[f"project_{default}_img_per_s"]
+    figures["speedup"] = figures[f"project_{default}_speedup"]
+    print(f"  speedup at the default precision ({default}):   {figures['speedup']:9.2f}x", flush=True)
     return figures
 
 
-def measure_memory(
-    splits: ImageSplits, device: torch.device, used_before_cuda: int | None, space: str
-) -> dict[str, Any]:
-    """Bytes a trial holds on the GPU: the process's fixed part, and the allocator's peak."""
-    figures: dict[str, Any] = {}
-    used_now = gpu_memory_used_bytes()
-    if used_before_cuda is not None and used_now is not None:
-        overhead = used_now - used_before_cuda - torch.cuda.memory_reserved(device)
-        figures["cuda_process_overhead_bytes"] = overhead
-        print(f"CUDA process overhead (context, cuDNN, cuBLAS): {overhead / 2**20:.0f} MiB")
-    widest = get_space(space).widest()
-    for name, config in (("part_iv", PART_IV), (f"widest_{space}", widest)):
-        peak, total = trial_peak_bytes(part_iv_spec(splits, config), splits, Acceleration())
-        figures[f"trial_peak_bytes_{name}"] = peak
-        figures["gpu_bytes"] = total
-        print(f"  trial peak in PyTorch's allocator, {name} ({config.channel_1}/{config.channel_2}): "
-              f"{peak / 2**20:.0f} MiB of {total / 2**30:.0f} GiB")  # fmt: skip
-    if "cuda_process_overhead_bytes" in figures:
-        trial = figures["cuda_process_overhead_bytes"] + figures[f"trial_peak_bytes_widest_{space}"]
-        figures["trials_per_gpu_by_memory"] = int(MEMORY_HEADROOM * figures["gpu_bytes"] // trial)
-        print(f"  widest trial all told {trial / 2**20:.0f} MiB: {figures['trials_per_gpu_by_memory']} fit")
-    return figures
-
-
-def measure_stacked(splits: ImageSplits, device: torch.device, counts: list[int]) -> dict[str, Any]:
+def measure_parallel(splits: ImageSplits, seed: int) -> dict[str, Any]:
+    """Aggregate images a second of one one-thread trial alone, and of two at once (CPU)."""
+    device = torch.device("cpu")
     precision = resolve_precision("auto", device)
-    graphs = device.type == "cuda"
-    print(f"Stacked trials in one process (vmap, {precision}, CUDA graphs {'on' if graphs else 'off'}):")
-    figures: dict[str, Any] = {"stacked_precision": precision, "stacked_img_per_s": {}}
-    for count in counts:
-        try:
-            rate = StackedTrials(splits, device, count, precision).images_per_s(
-                STACKED_STEPS[device.type], graphs
-            )
-        except Exception as error:  # an experiment, not a feature: report why it failed and go on
-            figures["stacked_img_per_s"][str(count)] = None
-            print(f"  {count:3d} trials: failed ({str(error).splitlines()[0]})", flush=True)
-            continue
-        figures["stacked_img_per_s"][str(count)] = rate
-        print(f"  {count:3d} trials: {rate:10.0f} images/s together", flush=True)
+    flops = training_flops_per_image(PART_IV, splits.input_shape, splits.num_classes)
+    peak = peak_gflop_per_s(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    print(f"Trials of one thread each, {precision}, side by side in their own processes:")
+    figures: dict[str, Any] = {"parallel_precision": precision}
+    for trials in (1, 2):
+        rate = _trials_at_once(splits, seed, precision, trials)
+        figures[f"parallel_{trials}_img_per_s"] = rate
+        figures[f"parallel_{trials}_of_peak"] = rate * flops / 1e9 / peak
+        print(f"  {trials} at once: {rate:8.0f} images/s together, {rate * flops / 1e9 / peak:.1%} of the "
+              f"{peak:.0f} GFLOP/s peak", flush=True)  # fmt: skip
+    figures["parallel_scaling"] = figures["parallel_2_img_per_s"] / figures["parallel_1_img_per_s"]
     return figures
+
+
+def _trials_at_once(splits: ImageSplits, seed: int, precision: str, trials: int) -> float:
+    """Starts `trials` processes, each training one epoch on one thread from the same moment."""
+    context = multiprocessing.get_context("spawn")  # a fork would copy this process's thread pools
+    start, results = context.Barrier(trials + 1), context.Queue()
+    workers = [
+        context.Process(target=_one_thread_epoch, args=(splits, seed, precision, start, results))
+        for _ in range(trials)
+    ]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    started = time.perf_counter()
+    finished = [results.get() for _ in workers]
+    elapsed = max(finished) - started
+    for worker in workers:
+        worker.join()
+    return trials * len(splits.train_labels) / elapsed
+
+
+def _one_thread_epoch(splits: ImageSplits, seed: int, precision: str, start: Any, results: Any) -> None:
+    torch.set_num_threads(1)
+    training = Training(part_iv_spec(splits), splits, seed, torch.device("cpu"), precision)
+    training.train_epoch(1)  # warm-up: the first epoch of a process pays for oneDNN's kernel choice
+    start.wait()
+    training.train_epoch(2)
+    results.put(time.perf_counter())
 
 
 def measure_accuracy(splits: ImageSplits, device: torch.device, seeds: int) -> dict[str, Any]:
@@ -203,29 +239,17 @@ def measure_accuracy(splits: ImageSplits, device: torch.device, seeds: int) -> d
     for precision in ("fp32", "bf16"):
         accuracies = []
         for seed in range(seeds):
-            training = Training(part_iv_spec(splits), splits, seed, device, Acceleration(precision=precision))
-            (report,) = training.epochs(1, 1)
+            (report,) = Training(part_iv_spec(splits), splits, seed, device, precision).epochs(1, 1)
             accuracies.append(report.val.accuracy)
-        spread = statistics.stdev(accuracies) if seeds > 1 else 0.0
+        mean, spread = statistics.mean(accuracies), statistics.stdev(accuracies) if seeds > 1 else 0.0
         figures[f"val_acc_{precision}"] = accuracies
-        figures[f"val_acc_{precision}_mean"], figures[f"val_acc_{precision}_sd"] = (
-            statistics.mean(accuracies),
-            spread,
-        )
+        figures[f"val_acc_{precision}_mean"], figures[f"val_acc_{precision}_sd"] = mean, spread
         each = ", ".join(f"{accuracy:.4f}" for accuracy in accuracies)
-        print(f"  {precision}: {statistics.mean(accuracies):.4f} ± {spread:.4f}  ({each})", flush=True)
+        print(f"  {precision}: {mean:.4f} ± {spread:.4f}  ({each})", flush=True)
     return figures
 
 
-def sweep_timing(
-    data: DataSettings,
-    space: str,
-    trials: int,
-    seed: int,
-    train_images: int,
-    gpus_per_trial: float | None = None,
-    max_concurrent: int | None = None,
-) -> SweepTiming:
+def sweep_timing(data: DataSettings, space: str, trials: int, seed: int, train_images: int) -> SweepTiming:
     """Runs a real FIFO sweep and compares its wall time with the time its trials spent training.
 
     The wall time runs from the call to the summary: loading the data, the MLflow runs,
@@ -241,8 +265,6 @@ def sweep_timing(
             num_samples=trials,
             scheduler="fifo",
             seed=seed,
-            gpus_per_trial=gpus_per_trial,
-            max_concurrent=max_concurrent,
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
             storage_path=f"{workdir}/ray",
             name="bench",
@@ -266,11 +288,9 @@ def sweep_timing(
     concurrent = _most_at_once(spans)
     ideal = sum(epoch_times) / concurrent
     images = len(runs) * train_images  # one epoch each
-    window = max(end for _, end in spans) - min(start for start, _ in spans)
     return SweepTiming(
-        len(runs), concurrent, wall, sum(epoch_times), wall / ideal, startups, images / wall, images / window,
-        store_create_s,
-    )  # fmt: skip
+        len(runs), concurrent, wall, sum(epoch_times), wall / ideal, startups, images / wall, store_create_s
+    )
 
 
 def _most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -282,58 +302,28 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
     return most
 
 
-def measure_sweeps(data: DataSettings, device: torch.device, args: Any, train_images: int) -> dict[str, Any]:
-    """One sweep on CPU (trials as the cores allow); on CUDA one per packing level."""
+def measure_sweeps(
+    data: DataSettings, space: str, trials: int, seed: int, train_images: int
+) -> dict[str, Any]:
     owns_ray = not ray.is_initialized()
     started = time.perf_counter()
     if owns_ray:
         ray.init(include_dashboard=False, logging_level="WARNING")
     figures: dict[str, Any] = {"ray_start_s": time.perf_counter() - started}
     try:
-        if device.type == "cpu":
-            timing = sweep_timing(data, args.sweep_space, args.sweep_trials, args.seed, train_images)
-            figures.update({f"sweep_{key}": value for key, value in asdict(timing).items()})
-            _print_sweep(f"Sweep of {timing.trials} one-epoch trials, {timing.concurrent} at once:", timing)
-        else:
-            if ray.cluster_resources().get("GPU", 0) < 1:
-                raise InputError("Ray sees no GPU on this machine: the packing sweeps would wait forever")
-            figures["packing"] = {}
-            for level in args.packing:
-                trials = max(args.sweep_trials, 2 * level)  # every slot runs at least two trials
-                share = int(10_000 / level) / 10_000  # Ray counts GPU shares to four decimals
-                timing = sweep_timing(data, args.sweep_space, trials, args.seed, train_images, share, level)
-                figures["packing"][str(level)] = asdict(timing)
-                _print_sweep(f"Sweep of {trials} one-epoch trials, {level} to the GPU:", timing)
-            single = figures["packing"].get("1")
-            for level, timing in figures["packing"].items():
-                if single is not None:
-                    timing["images_per_s_vs_one"] = timing["images_per_s"] / single["images_per_s"]
-                    print(
-                        f"  {level:>2} to the GPU: {timing['images_per_s_vs_one']:5.2f}x the images/s of one"
-                    )
+        timing = sweep_timing(data, space, trials, seed, train_images)
     finally:
         if owns_ray:
             ray.shutdown()
+    figures.update({f"sweep_{key}": value for key, value in asdict(timing).items()})
+    startups = ", ".join(f"{seconds:.1f}" for seconds in timing.startup_s)
+    print(f"Sweep of {timing.trials} one-epoch trials, {timing.concurrent} at once:")
+    print(f"  wall {timing.wall_s:.1f} s, epochs {timing.train_s:.1f} s in all")
+    print(f"  {timing.images_per_s:.0f} images/s by all trials together, over the wall time")
+    print(f"  overhead {timing.overhead:.2f} (1.0 is ideal); start-up per trial {startups} s")
+    apart = f"Ray start {figures['ray_start_s']:.1f} s, MLflow store creation {timing.store_create_s:.1f} s"
+    print(f"  before the clock: {apart}", flush=True)
     return figures
-
-
-def _print_sweep(title: str, timing: SweepTiming) -> None:
-    startups = statistics.median(timing.startup_s)
-    print(title)
-    print(f"  wall {timing.wall_s:.1f} s, epochs {timing.train_s:.1f} s in all, {timing.concurrent} at once")
-    print(f"  overhead {timing.overhead:.2f} (1.0 is ideal); start-up per trial, median {startups:.2f} s")
-    print(
-        f"  {timing.images_per_s:.0f} images/s over the wall time, "
-        f"{timing.training_images_per_s:.0f} while trials trained; MLflow store creation "
-        f"{timing.store_create_s:.1f} s before the clock",
-        flush=True,
-    )
-
-
-def _counts(text: str) -> list[int]:
-    """A comma-separated list of whole numbers >= 1."""
-    values = [positive_int(part) for part in text.split(",")]
-    return [int(value) for value in values]
 
 
 def _sections(text: str) -> list[str]:
@@ -344,6 +334,15 @@ def _sections(text: str) -> list[str]:
     return names
 
 
+def _processor_name() -> str:
+    """The processor's model name, from Linux's /proc/cpuinfo; the platform's answer elsewhere."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=CIFAR10, help="'cifar10' or an image folder")
@@ -352,21 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-size", type=positive_int, default=1000, help="held out, as in a sweep")
     parser.add_argument("--max-train-images", type=positive_int, help="time on fewer images")
     parser.add_argument(
-        "--sections", help=f"comma-separated, of {', '.join(SECTIONS)} (default: {DEFAULT_SECTIONS})"
+        "--sections", default=DEFAULT_SECTIONS, help=f"comma-separated, of {', '.join(SECTIONS)}"
     )
     parser.add_argument(
         "--repeats", type=positive_int, default=2, help="epochs of each pipeline, alternated (default: 2)"
     )
-    parser.add_argument("--stacked", type=_counts, default=[1, 4, 16, 64], help="trials to a stack")
     parser.add_argument("--accuracy-seeds", type=positive_int, default=3, help="seeds of the accuracy check")
-    parser.add_argument("--sweep-trials", type=positive_int, default=4, help="trials of a timed sweep")
+    parser.add_argument("--sweep-trials", type=positive_int, default=4, help="trials of the timed sweep")
     parser.add_argument(
         "--sweep-space",
         default="sgd",
-        help="space of the timed sweeps (default sgd: fixed widths, even trials)",
-    )
-    parser.add_argument(
-        "--packing", type=_counts, default=[1, 4, 8, 16], help="CUDA: trials to the GPU, one sweep each"
+        help="space of the timed sweep (default sgd: fixed widths, even trials)",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
@@ -375,11 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but torch sees no CUDA device")
-    sections = _sections(args.sections or DEFAULT_SECTIONS[device.type])
-    if "memory" in sections and device.type != "cuda":
-        raise InputError("--sections memory measures GPU memory: it needs --device cuda")
-    get_space(args.sweep_space)
-    used_before_cuda = gpu_memory_used_bytes() if device.type == "cuda" else None
+    sections = _sections(args.sections)
+    if "parallel" in sections and device.type != "cpu":
+        raise InputError("--sections parallel times one-thread CPU trials: it needs --device cpu")
+    get_space(args.sweep_space)  # an unknown space fails now, not after the epochs
     data = DataSettings(
         source=args.data, root=args.data_root, val_size=args.val_size, max_train_images=args.max_train_images
     )
@@ -387,33 +381,22 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _processor_name(),
         "torch": torch.__version__,
         "train_images": len(splits.train_labels),
-        "sections": sections,
     }
     if "epochs" in sections:
         figures.update(measure_epochs(data, splits, device, args.repeats, args.seed))
-    if "memory" in sections:
-        figures.update(measure_memory(splits, device, used_before_cuda, args.sweep_space))
-    if "stacked" in sections:
-        figures.update(measure_stacked(splits, device, args.stacked))
+    if "parallel" in sections:
+        figures.update(measure_parallel(splits, args.seed))
     if "accuracy" in sections:
         figures.update(measure_accuracy(splits, device, args.accuracy_seeds))
     if "sweeps" in sections:
-        figures.update(measure_sweeps(data, device, args, len(splits.train_labels)))
+        train_images = len(splits.train_labels)
+        figures.update(measure_sweeps(data, args.sweep_space, args.sweep_trials, args.seed, train_images))
     if args.json:
         print(json.dumps(figures))
     return EXIT_OK
-
-
-def _cpu_name() -> str:
-    """The processor's model name, from Linux's /proc/cpuinfo; platform's answer elsewhere."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

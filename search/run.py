@@ -52,7 +52,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     resources.add_argument(
         "--gpus-per-trial",
         type=non_negative_float,
-        help="fractions share a GPU (default: as many trials to a GPU as its memory and cores fit)",
+        help="fractions share a GPU (default: 0.25 with a GPU, else 0)",
     )
     resources.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
     resources.add_argument(

@@ -36,7 +36,7 @@ class SweepSettings:
     scheduler: str = "asha"
     seed: int = 0
     precision: str = "auto"  # one of trainables.loop.PRECISIONS
-    gpus_per_trial: float | None = None  # None: as many trials to a GPU as fit (search.gpu_packing)
+    gpus_per_trial: float | None = None  # None: search.sweep's GPUS_PER_TRIAL_WHEN_PRESENT with GPUs
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None  # None: as many as the resources allow
     max_failures: int = 0  # retries of a crashed trial, from its last checkpoint

@@ -19,7 +19,6 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.gpu_packing import default_gpus_per_trial
 from search.in_order import InOrderSearcher
 from search.progress import SweepProgress
 from search.settings import SweepSettings, check_ray_address, check_reachable
@@ -40,13 +39,14 @@ from spaces import SearchSpace, get_space
 from trainables.config import METRIC, MODE
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
-from trainables.loop import Acceleration
 from trainables.trainable import TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
 # after kill -9 continue trials from their latest epoch. Tune warns about it each time.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # a trial's own lines, each with its trial's name
+
+GPUS_PER_TRIAL_WHEN_PRESENT = 0.25  # a trial of this model uses a small part of a modern GPU
 
 
 @dataclass
@@ -89,10 +89,9 @@ def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> 
 def _sweep(
     settings: SweepSettings, space: SearchSpace, tracking_uri: str, splits: ImageSplits, trainable: Trainable
 ) -> SweepOutcome:
-    acceleration = Acceleration(precision=settings.precision)
     gpus_per_trial = settings.gpus_per_trial
     if gpus_per_trial is None:
-        gpus_per_trial, _ = default_gpus_per_trial(space, splits, acceleration, settings.cpus_per_trial)
+        gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
 
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, settings.experiment_name)
@@ -104,7 +103,9 @@ def _sweep(
         tune.with_parameters(
             trainable,
             splits=splits,
-            settings=TrialSettings(max_epochs=settings.epochs, seed=settings.seed, acceleration=acceleration),
+            settings=TrialSettings(
+                max_epochs=settings.epochs, seed=settings.seed, precision=settings.precision
+            ),
         ),
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )

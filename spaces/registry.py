@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution
 
 from trainables.config import TrialConfig
 from trainables.errors import InputError
@@ -30,11 +30,6 @@ class SearchSpace:
         constants = self.define(trial)
         return TrialConfig.from_dict({**trial.params, **constants})
 
-    def widest(self) -> TrialConfig:
-        """Every searched parameter at the top of its range: the widths that take the most memory."""
-        study = optuna.create_study(sampler=_UpperBoundSampler())
-        return self.config_for(study.ask())
-
     def searched_at(self, config: TrialConfig) -> dict[str, BaseDistribution]:
         """The distributions the space draws its parameters from, replayed at this config's point.
 
@@ -43,21 +38,6 @@ class SearchSpace:
         trial = optuna.trial.FixedTrial(config.to_dict())
         self.define(trial)
         return trial.distributions
-
-
-class _UpperBoundSampler(optuna.samplers.BaseSampler):
-    """Proposes each number at the top of its range (and a categorical's first choice)."""
-
-    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
-        return {}
-
-    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(self, study, trial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        if isinstance(param_distribution, CategoricalDistribution):
-            return param_distribution.choices[0]
-        return param_distribution.high
 
 
 _SPACES: dict[str, SearchSpace] = {}

@@ -11,10 +11,9 @@ from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import TrialConfig
 from trainables.data import ImageSplits
 from trainables.errors import InputError
-from trainables.loop import Acceleration, Training, resolve_precision
+from trainables.loop import Training, resolve_precision
 
 CPU = torch.device("cpu")
-FP32 = Acceleration(precision="fp32")
 
 
 def separable_splits(count: int, seed: int = 0) -> ImageSplits:
@@ -26,9 +25,11 @@ def separable_splits(count: int, seed: int = 0) -> ImageSplits:
     return ImageSplits(images, labels, images, labels, ("r", "g", "b"), (0.5,) * 3, (0.25,) * 3)
 
 
-def training_for(config: TrialConfig, splits: ImageSplits, seed: int = 0, acceleration=FP32) -> Training:
+def training_for(
+    config: TrialConfig, splits: ImageSplits, seed: int = 0, precision: str = "fp32"
+) -> Training:
     spec = ModelSpec(config, splits.input_shape, splits.classes, splits.mean, splits.std)
-    return Training(spec, splits, seed, CPU, acceleration)
+    return Training(spec, splits, seed, CPU, precision)
 
 
 SMALL = {"channel_1": 8, "channel_2": 4}
@@ -50,13 +51,13 @@ def test_it_learns_a_separable_set():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_style_learns_in_each_precision(style, optimizer, precision):
     config = TrialConfig(model=style, optimizer=optimizer, **SMALL, lr=0.01, batch_size=16)
-    training = training_for(config, separable_splits(300), acceleration=Acceleration(precision=precision))
+    training = training_for(config, separable_splits(300), precision=precision)
     *_, last = training.epochs(1, 3)
     assert last.val.accuracy > 0.9
 
 
 def test_bf16_keeps_fp32_master_weights_and_momentum():
-    training = training_for(TrialConfig(**SMALL), separable_splits(64), acceleration=Acceleration("bf16"))
+    training = training_for(TrialConfig(**SMALL), separable_splits(64), precision="bf16")
     training.train_epoch(1)
     assert all(weight.dtype == torch.float32 for weight in training.model.parameters())
     assert all(s["momentum_buffer"].dtype == torch.float32 for s in training.optimizer.state.values())
@@ -98,4 +99,4 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("auto", CPU) in {"fp32", "bf16"}
     with pytest.raises(InputError, match="precision must be one of"):
-        Acceleration(precision="fp16")
+        resolve_precision("fp16", CPU)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.config import TrialConfig
-from trainables.model import build_model, build_optimizer, initial_parameters
+from trainables.model import build_model, build_optimizer, initial_parameters, training_flops_per_image
 
 INPUT_SHAPE = (3, 32, 32)
 STYLES = ("barebones", "module", "sequential")
@@ -82,3 +82,11 @@ def test_nesterov_uses_momentum_and_plain_sgd_does_not():
     plain = build_optimizer(build_model(plain_config, INPUT_SHAPE, 10), plain_config)
     assert nesterov.param_groups[0]["nesterov"] and nesterov.param_groups[0]["momentum"] == 0.5
     assert plain.param_groups[0]["momentum"] == 0
+
+
+def test_a_training_step_of_part_iv_is_about_39_mflop_an_image():
+    # forward 7.34 M multiply-adds; backward twice that, less the first conv's input gradient
+    flops = training_flops_per_image(TrialConfig(), INPUT_SHAPE, 10)
+    forward = 32 * 32 * (32 * 3 * 25 + 16 * 32 * 9) + 16 * 32 * 32 * 10
+    assert flops == 2 * (3 * forward - 32 * 32 * 32 * 3 * 25)
+    assert 38e6 < flops < 40e6

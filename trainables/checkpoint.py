@@ -38,8 +38,8 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def build(self, seed: int = 0, device: torch.device | str = "cpu", channels_last: bool = True) -> ConvNet:
-        return build_model(self.config, self.input_shape, self.num_classes, seed, device, channels_last)
+    def build(self, seed: int = 0, device: torch.device | str = "cpu") -> ConvNet:
+        return build_model(self.config, self.input_shape, self.num_classes, seed, device)
 
     def to_dict(self) -> dict[str, Any]:
         return {

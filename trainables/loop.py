@@ -5,10 +5,8 @@ benchmark all build one. It puts the model, the optimizer and the uint8 images
 on the device once; each batch is picked by a device-side permutation and
 normalized there, so there are no DataLoader workers and no per-image Python.
 
-How fast it runs is set apart from what it trains, in `Acceleration`: bf16
-autocast where the device does bf16 natively, the channels-last layout, and on
-CUDA a training step captured once as a CUDA graph and replayed for every full
-batch (an eager step on this model is bound by kernel launches, not arithmetic).
+Its precision is set apart from what it trains: bf16 autocast where the device
+does bf16 natively, with fp32 master weights, optimizer and loss.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,28 +31,13 @@ from trainables.model import build_optimizer
 
 # Checking the loss costs a host sync; every few steps is soon enough to stop a diverged run.
 DIVERGENCE_CHECK_STEPS = 25
-# Eager steps before a CUDA graph is captured: cuDNN picks its kernels, the optimizer makes its
-# momentum buffers, and autograd sets itself up, none of which may happen during a capture.
-GRAPH_WARMUP_STEPS = 3
 EVAL_BATCH = 1000
-
-
-@dataclass(frozen=True)
-class Acceleration:
-    """How a trial runs on its device. None of it changes what is trained, only how fast."""
-
-    precision: str = "auto"  # one of PRECISIONS; auto: bf16 where the device has it natively
-    channels_last: bool = True  # measured on CPU: +10% a thread, +23% with two
-    cuda_graphs: bool = True  # CUDA only: capture a full-batch step once, replay it
-    cudnn_benchmark: bool = True  # CUDA only: cuDNN times its kernels once per shape
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 or bf16: auto becomes bf16 only where the hardware computes in bf16 natively."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     return "bf16" if native_bf16(device) else "fp32"
@@ -99,10 +82,9 @@ class EpochReport:
         return self.val.diverged
 
 
-def place_images(images: Tensor, device: torch.device, channels_last: bool = True) -> Tensor:
-    """A split's uint8 images on the device, once, in the layout the models use."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device).contiguous(memory_format=layout)
+def place_images(images: Tensor, device: torch.device) -> Tensor:
+    """A split's uint8 images on the device, once, in the channels-last layout the models use."""
+    return images.to(device).contiguous(memory_format=torch.channels_last)
 
 
 def batch_order(seed: int, epoch: int) -> torch.Generator:
@@ -135,27 +117,21 @@ class Training:
         splits: ImageSplits,
         seed: int,
         device: torch.device,
-        acceleration: Acceleration = Acceleration(),
+        precision: str = "auto",
     ) -> None:
         self.spec, self.seed, self.device = spec, seed, device
-        self.precision = resolve_precision(acceleration.precision, device)
+        self.precision = resolve_precision(precision, device)
         self.batch_size = spec.config.batch_size
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = acceleration.cudnn_benchmark
-        self.model = spec.build(seed=seed, device=device, channels_last=acceleration.channels_last)
+        self.model = spec.build(seed=seed, device=device)
         self.optimizer = build_optimizer(self.model, spec.config)
         self.normalize = Normalizer(spec.mean, spec.std, device)
-        self.train_images = place_images(splits.train_images, device, acceleration.channels_last)
+        self.train_images = place_images(splits.train_images, device)
         self.train_labels = splits.train_labels.to(device)
-        self.val_images = place_images(splits.val_images, device, acceleration.channels_last)
+        self.val_images = place_images(splits.val_images, device)
         self.val_labels = splits.val_labels.to(device)
-        self.channels_last = acceleration.channels_last
-        # Running sums of one epoch, kept on the device (a captured graph adds to these very tensors).
+        # Running sums of one epoch, kept on the device: read once, at the epoch's end.
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.graph = None
-        if acceleration.cuda_graphs and device.type == "cuda":
-            self.graph = GraphedStep(self.step, self.batch_size, device)
 
     def load(self, checkpoint: LoadedCheckpoint) -> int:
         """Continues from a checkpoint (before the first epoch); returns the next epoch."""
@@ -190,10 +166,7 @@ class Training:
         seen = 0
         for step, start in enumerate(range(0, len(order), self.batch_size), start=1):
             batch = order[start : start + self.batch_size]
-            if self.graph is not None and len(batch) == self.batch_size:
-                self.graph.step(batch)
-            else:  # on CPU, and for the last, partial batch (a graph has one fixed shape)
-                self.step(batch)
+            self.step(batch)
             seen += len(batch)
             if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.loss_sum):
                 break
@@ -217,7 +190,7 @@ class Training:
         if images is None or labels is None:
             images, labels = self.val_images, self.val_labels
         else:
-            images, labels = place_images(images, self.device, self.channels_last), labels.to(self.device)
+            images, labels = place_images(images, self.device), labels.to(self.device)
         self.model.eval()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
@@ -231,48 +204,8 @@ class Training:
         return _result(loss_sum, correct, len(labels), started)
 
     def autocast(self) -> torch.autocast:
-        """bf16 compute for the model's layers; master weights and optimizer stay fp32.
-
-        The cast cache is off: each forward pass casts the weights once anyway, and
-        a CUDA graph may not capture a cache that outlives it.
-        """
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
-        )
-
-
-class GraphedStep:
-    """A full-batch training step captured once as a CUDA graph, then replayed.
-
-    The first GRAPH_WARMUP_STEPS calls run the step eagerly on a side stream (they
-    are real steps); the next one is captured and every later one replays it, with
-    the batch's indices copied into the graph's own index tensor. The step must
-    update weights, momentum and sums in place, so the graph stays valid for good.
-    """
-
-    def __init__(self, step: Callable[[Tensor], None], batch_size: int, device: torch.device) -> None:
-        self.eager_step = step
-        self.index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.warmups_left = GRAPH_WARMUP_STEPS
-        # Warm-up and capture on one stream: the libraries' handles made in the warm-up are then
-        # the ones the capture records.
-        self.stream = torch.cuda.Stream(device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def step(self, batch: Tensor) -> None:
-        if self.warmups_left > 0:
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                self.eager_step(batch)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.warmups_left -= 1
-            return
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):  # records the step; nothing runs yet
-                self.eager_step(self.index)
-        self.index.copy_(batch)
-        self.graph.replay()
+        """bf16 compute for the model's layers; master weights and optimizer stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 def _result(loss_sum: Tensor, correct: Tensor, seen: int, started: float) -> EpochResult:

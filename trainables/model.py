@@ -119,7 +119,6 @@ def build_model(
     num_classes: int,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    channels_last: bool = True,
 ) -> ConvNet:
     """The config's model style, with the seed's initial weights, on the device."""
     parameters = initial_parameters(config, input_shape, num_classes, seed)
@@ -130,8 +129,23 @@ def build_model(
     else:
         model = _sequential(config, input_shape, num_classes)
     model.load_state_dict(parameters)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device, memory_format=layout)
+    # channels-last convolutions run faster (measured on CPU: +10% a thread, +23% with two)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def training_flops_per_image(config: TrialConfig, input_shape: ImageShape, num_classes: int) -> int:
+    """Floating-point operations of one training step, per image, counted from multiply-adds.
+
+    The backward pass computes each layer's weight gradient and its input gradient,
+    each as many multiply-adds as the forward pass, except that the first
+    convolution needs no input gradient. A multiply-add is two operations.
+    """
+    channels, height, width = input_shape
+    conv1 = height * width * config.channel_1 * channels * config.kernel_1**2
+    conv2 = height * width * config.channel_2 * config.channel_1 * config.kernel_2**2
+    linear = config.channel_2 * height * width * num_classes
+    forward = conv1 + conv2 + linear
+    return 2 * (forward + forward + (forward - conv1))
 
 
 def as_module(model: ConvNet, config: TrialConfig, input_shape: ImageShape, num_classes: int) -> nn.Module:

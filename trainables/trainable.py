@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from ray import tune
 from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import METRIC, TrialConfig
 from trainables.data import ImageSplits
-from trainables.loop import Acceleration, EpochReport, Training
+from trainables.loop import EpochReport, Training
 
 DIVERGED = "diverged"  # result key: 1.0 when the loss stopped being finite
 WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
@@ -42,7 +42,7 @@ class TrialSettings:
 
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
-    acceleration: Acceleration = field(default_factory=Acceleration)
+    precision: str = "auto"  # one of trainables.config.PRECISIONS
 
 
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
@@ -53,7 +53,7 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
     spec = ModelSpec(
         TrialConfig.from_dict(config), splits.input_shape, splits.classes, splits.mean, splits.std
     )
-    training = Training(spec, splits, settings.seed, device, settings.acceleration)
+    training = Training(spec, splits, settings.seed, device, settings.precision)
 
     first_epoch = 1
     checkpoint = tune.get_checkpoint()
