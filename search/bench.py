@@ -38,10 +38,19 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from search.cli import EXIT_OK, OneLineParser, non_negative_int, positive_int, run_command
-from search.settings import SweepSettings
-from search.sweep import run_sweep
-from search.tracking import child_runs
+from search.cli import (
+    EXIT_OK,
+    OneLineParser,
+    add_data_options,
+    data_settings,
+    default,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
+from search.sweep.engine import run_sweep
+from search.sweep.settings import SweepSettings
+from search.tracking.store import child_runs
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
 from trainables.config import CIFAR10, DataSettings, TrialConfig
@@ -345,11 +354,8 @@ def _processor_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=CIFAR10, help="'cifar10' or an image folder")
-    parser.add_argument("--data-root", default="data", help="download and cache folder (default: ./data)")
+    add_data_options(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is one")
-    parser.add_argument("--val-size", type=positive_int, default=1000, help="held out, as in a sweep")
-    parser.add_argument("--max-train-images", type=positive_int, help="time on fewer images")
     parser.add_argument(
         "--sections", default=DEFAULT_SECTIONS, help=f"comma-separated, of {', '.join(SECTIONS)}"
     )
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         default="sgd",
         help="space of the timed sweep (default sgd: fixed widths, even trials)",
     )
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=default(SweepSettings, "seed"))
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     args = parser.parse_args(argv)
 
@@ -374,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if "parallel" in sections and device.type != "cpu":
         raise InputError("--sections parallel times one-thread CPU trials: it needs --device cpu")
     get_space(args.sweep_space)  # an unknown space fails now, not after the epochs
-    data = DataSettings(
-        source=args.data, root=args.data_root, val_size=args.val_size, max_train_images=args.max_train_images
-    )
+    data = data_settings(args, seed=args.seed)
     splits = load_splits(data)
     figures: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from trainables.config import DataSettings
 from trainables.errors import InputError, first_line
 
 EXIT_OK = 0
@@ -18,11 +20,35 @@ EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not the whole usage text."""
+    """argparse, but a usage error is one line, not the whole usage text, and --help shows defaults."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_DefaultsHelp, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_BAD_INPUT)
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Appends an option's default to its help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = (
+            action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        )
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def default(settings: type, name: str) -> Any:
+    """The default of a settings dataclass's field: every command's options read theirs from there."""
+    field = {field.name: field for field in dataclasses.fields(settings)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
 
 
 KIND_NAMES = {int: "whole number", float: "number"}
@@ -47,6 +73,31 @@ positive_int = _number(int, 1)
 non_negative_int = _number(int, 0)
 positive_float = _number(float, 0.0, inclusive=False)
 non_negative_float = _number(float, 0.0)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the images and their split, as search.run and search.bench share them."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        default=default(DataSettings, "source"),
+        help="'cifar10', or a folder holding train/<class>/<image>",
+    )
+    group.add_argument("--data-root", default=default(DataSettings, "root"), help="download and cache folder")
+    group.add_argument(
+        "--val-size", type=positive_int, default=default(DataSettings, "val_size"), help="validation images"
+    )
+    group.add_argument("--max-train-images", type=positive_int, help="train on fewer images, for quick runs")
+
+
+def data_settings(args: argparse.Namespace, seed: int) -> DataSettings:
+    return DataSettings(
+        source=args.data,
+        root=args.data_root,
+        val_size=args.val_size,
+        max_train_images=args.max_train_images,
+        seed=seed,
+    )
 
 
 def run_command(prog: str, main: Callable[[], int]) -> NoReturn:

@@ -9,24 +9,15 @@ import pyarrow.parquet as pq
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from search.best_config import BestTrial, write_best
 from search.cli import EXIT_OK, OneLineParser, run_command
-from search.tracking import (
-    BEST_METRIC,
-    CHECKPOINT_ARTIFACT,
-    SPACE_TAG,
-    SWEEP_SETTINGS_ARTIFACT,
-    SWEEP_TAG,
-    best_child_run,
+from search.tracking.best import BestTrial, best_trial, write_best
+from search.tracking.store import (
     check_store_exists,
     child_runs,
     default_tracking_uri,
     find_sweep_run,
-    load_json_artifact,
     trial_table,
 )
-from trainables.checkpoint import SPEC_FILE, ModelSpec
-from trainables.config import DataSettings
 from trainables.errors import InputError
 
 PROG = "search.export"
@@ -44,35 +35,6 @@ def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[
         raise InputError(f"no sweep {sweep or ''} in experiment {experiment!r}".replace("  ", " "))
     children = child_runs(client, parent)
     return best_trial(client, parent, children), children
-
-
-def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTrial:
-    """What best.json holds for a sweep: its best trial's model, training settings and MLflow runs."""
-    best = best_child_run(children)
-    sweep_name = parent.data.tags[SWEEP_TAG]
-    if best is None:
-        raise InputError(f"no trial of sweep {sweep_name} finished an epoch")
-    settings = load_json_artifact(client, parent.info.run_id, SWEEP_SETTINGS_ARTIFACT)
-    spec = ModelSpec.from_dict(
-        load_json_artifact(client, best.info.run_id, f"{CHECKPOINT_ARTIFACT}/{SPEC_FILE}")
-    )
-    data = DataSettings(
-        **{key[len("data_") :]: value for key, value in settings.items() if key.startswith("data_")}
-    )
-    return BestTrial(
-        space=parent.data.tags[SPACE_TAG],
-        sweep=sweep_name,
-        experiment=client.get_experiment(parent.info.experiment_id).name,
-        spec=spec,
-        epochs=int(settings["epochs"]),
-        seed=int(settings["seed"]),
-        data=data,
-        val_acc=best.data.metrics[BEST_METRIC],
-        tracking_uri=client.tracking_uri,
-        run_id=best.info.run_id,
-        parent_run_id=parent.info.run_id,
-        checkpoint_uri=f"runs:/{best.info.run_id}/{CHECKPOINT_ARTIFACT}",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

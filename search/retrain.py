@@ -8,20 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import mlflow.pytorch
 import torch
 
-from search.best_config import BestTrial, read_best
 from search.cli import EXIT_OK, OneLineParser, positive_int, run_command
-from search.settings import check_tracking_uri
-from search.tracking import get_or_create_experiment
+from search.sweep.settings import check_tracking_uri
+from search.tracking.best import BestTrial, read_best
+from search.tracking.retrain_run import RetrainRun
+from search.tracking.store import ImageDataset
 from trainables.checkpoint import ModelSpec
-from trainables.config import METRIC, DataSettings
+from trainables.config import DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
 from trainables.loop import Training
 from trainables.model import as_module
+from trainables.names import METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
 
 PROG = "search.retrain"
 
@@ -40,46 +40,43 @@ def retrain(
     spec = ModelSpec(best.spec.config, splits.input_shape, splits.classes, splits.mean, splits.std)
     training = Training(spec, splits, best.seed, device)
 
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = get_or_create_experiment(mlflow.MlflowClient(tracking_uri), best.experiment)
-    tags = {"role": "retrain", "source_run_id": best.run_id, "sweep": best.sweep, "space": best.space}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{best.sweep}", tags=tags) as run:
-        mlflow.log_params({**spec.config.to_dict(), "epochs": epochs, "seed": best.seed})
-        mlflow.log_params({f"data_{key}": value for key, value in dataclasses.asdict(data).items()})
+    datasets = (
+        ImageDataset.of(data, "train", splits.fingerprint, len(splits.train_labels)),
+        ImageDataset.of(data, "validation", splits.fingerprint, len(splits.val_labels)),
+        ImageDataset.of(data, "test", test.fingerprint, len(test)),
+    )
+    with RetrainRun(tracking_uri, best) as run:
+        run.log_settings(spec, epochs, best.seed, data)
+        run.log_datasets(datasets)
         for report in training.epochs(1, epochs):
             if report.diverged:
                 raise InputError(
                     f"training diverged in epoch {report.epoch}: the config's learning rate is too high"
                 )
             trained, val = report.train, report.val
-            mlflow.log_metrics(
-                {
-                    "train_loss": trained.loss,
-                    "train_acc": trained.accuracy,
-                    METRIC: val.accuracy,
-                    "val_loss": val.loss,
-                },
-                step=report.epoch,
-            )
+            metrics = {
+                TRAIN_LOSS: trained.loss,
+                TRAIN_ACC: trained.accuracy,
+                METRIC: val.accuracy,
+                VAL_LOSS: val.loss,
+            }
+            run.log_metrics(metrics, step=report.epoch)
             print(
                 f"epoch {report.epoch}/{epochs}: train loss {trained.loss:.4f}, "
                 f"validation accuracy {val.accuracy:.4f}"
             )
         tested = training.evaluate(test.images, test.labels)
-        mlflow.log_metrics({"test_acc": tested.accuracy, "test_loss": tested.loss}, step=epochs)
+        run.log_metrics({TEST_ACC: tested.accuracy, TEST_LOSS: tested.loss}, step=epochs)
         module = as_module(training.model, spec.config, spec.input_shape, spec.num_classes).cpu().eval()
         example = training.normalize(test.images[:2].to(device)).cpu().numpy()
-        model_info = mlflow.pytorch.log_model(
-            module, name="model", input_example=example, registered_model_name=register
-        )
-        mlflow.log_dict(spec.to_dict(), "model.json")
+        model_uri = run.log_model(module, spec, example, register)
     return {
-        "test_acc": tested.accuracy,
-        "test_loss": tested.loss,
+        TEST_ACC: tested.accuracy,
+        TEST_LOSS: tested.loss,
         METRIC: val.accuracy,
         "epochs": epochs,
-        "run_id": run.info.run_id,
-        "model_uri": model_info.model_uri,
+        "run_id": run.run_id,
+        "model_uri": model_uri,
         "registered_model": register,
     }
 
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = check_tracking_uri(args.tracking_uri or best.tracking_uri)
     metrics = retrain(best, args.epochs or best.epochs, data, tracking_uri, args.register)
     print(
-        f"Test accuracy {metrics['test_acc']:.4f} after {metrics['epochs']} epochs; "
+        f"Test accuracy {metrics[TEST_ACC]:.4f} after {metrics['epochs']} epochs; "
         f"model {metrics['model_uri']}"
     )
     if args.out is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from search.cli import (
     EXIT_INTERRUPTED,
@@ -12,18 +13,21 @@ from search.cli import (
     EXIT_SOME_TRIALS_FAILED,
     EXIT_TRACKING_FAILED,
     OneLineParser,
+    add_data_options,
+    data_settings,
+    default,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     run_command,
 )
-from search.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
+from search.sweep.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
-from trainables.config import CIFAR10, PRECISIONS, DataSettings
+from trainables.config import PRECISIONS
 
 if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
-    from search.sweep import SweepOutcome
+    from search.sweep.engine import SweepOutcome
 
 PROG = "search.run"
 
@@ -31,39 +35,29 @@ PROG = "search.run"
 def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     parser = OneLineParser(prog=PROG, description=__doc__)
     parser.add_argument("--space", required=True, help=f"search space: {', '.join(space_names())}")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default=CIFAR10, help="'cifar10', or a folder holding train/<class>/<image>")
-    data.add_argument("--data-root", default="data", help="download and cache folder (default: ./data)")
-    data.add_argument("--val-size", type=positive_int, default=1000, help="validation images (default: 1000)")
-    data.add_argument("--max-train-images", type=positive_int, help="train on fewer images, for quick runs")
+    add_data_options(parser)
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--epochs", type=positive_int, default=1, help="most epochs a trial gets (default: 1)")
-    sweep.add_argument("--num-samples", type=positive_int, default=8, help="trials (default: 8)")
-    sweep.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
-    sweep.add_argument("--seed", type=non_negative_int, default=0)
-    sweep.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="model arithmetic (default auto: bf16 where the CPU or GPU has it natively, else fp32)",
-    )
-    sweep.add_argument("--max-failures", type=non_negative_int, default=0, help="retries of a crashed trial")
+    option = _options_of(sweep)
+    option("--epochs", type=positive_int, help="most epochs a trial gets")
+    option("--num-samples", type=positive_int, help="trials")
+    option("--scheduler", choices=SCHEDULERS, help="asha stops weak trials early; fifo runs each to the end")
+    option("--seed", type=non_negative_int, help="sampler, split, initial weights and batch order")
+    option("--precision", choices=PRECISIONS, help="model arithmetic; auto: bf16 where the CPU or GPU has it")
+    option("--max-failures", type=non_negative_int, help="retries of a crashed trial")
     resources = parser.add_argument_group("resources")
-    resources.add_argument(
-        "--gpus-per-trial",
-        type=non_negative_float,
-        help="fractions share a GPU (default: 0.25 with a GPU, else 0)",
+    option = _options_of(resources)
+    option(
+        "--gpus-per-trial", type=non_negative_float, help="fractions share a GPU (default: 0.25 with a GPU)"
     )
-    resources.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
-    resources.add_argument(
-        "--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)"
-    )
-    resources.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    option("--cpus-per-trial", type=positive_float, help="also the torch threads of a trial")
+    option("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
+    option("--address", help="join this Ray cluster (default: start a local one)")
     where = parser.add_argument_group("where results go")
-    where.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
-    where.add_argument("--experiment", help="MLflow experiment (default: cifar10-<space>)")
-    where.add_argument("--storage-path", default="~/ray_results", help="Tune's results and checkpoints")
-    where.add_argument("--name", help="sweep name (default: <space>-<timestamp>)")
+    option = _options_of(where)
+    option("--tracking-uri", help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    option("--experiment", help="MLflow experiment (default: cifar10-<space>)")
+    option("--storage-path", help="Tune's results and checkpoints: a folder, or a URI pyarrow reads")
+    option("--name", help="sweep name (default: <space>-<timestamp>)")
     where.add_argument("--resume", action="store_true", help="continue the sweep named by --name")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--verbose", action="store_true", help="show Tune's own tables instead of one line")
@@ -71,13 +65,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     args = parser.parse_args(argv)
     return SweepSettings(
         space=args.space,
-        data=DataSettings(
-            source=args.data,
-            root=args.data_root,
-            val_size=args.val_size,
-            max_train_images=args.max_train_images,
-            seed=args.seed,
-        ),
+        data=data_settings(args, seed=args.seed),
         epochs=args.epochs,
         num_samples=args.num_samples,
         scheduler=args.scheduler,
@@ -95,6 +83,15 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         address=args.address,
         output="verbose" if args.verbose else "quiet" if args.quiet else "progress",
     )
+
+
+def _options_of(group: Any) -> Callable[..., Any]:
+    """add_argument for an option of SweepSettings, with the field's default: defined once, there."""
+
+    def option(flag: str, **kwargs: Any) -> Any:
+        return group.add_argument(flag, default=default(SweepSettings, flag[2:].replace("-", "_")), **kwargs)
+
+    return option
 
 
 def print_summary(outcome: SweepOutcome) -> None:
@@ -139,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     check_ray_address(settings.address)
     # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
     # an unreachable server or cluster, have been refused by then.
-    from search.sweep import run_sweep
-    from search.tracking import TRACKING_ERRORS
+    from search.sweep.engine import run_sweep
+    from search.tracking.store import TRACKING_ERRORS
 
     try:
         outcome = run_sweep(settings)

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
-from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE, ModelSpec, load_checkpoint, save_checkpoint
+from trainables.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
 from trainables.errors import InputError
 from trainables.model import build_optimizer
+from trainables.names import CHECKPOINT_FILE, SPEC_FILE
 
 SPEC = ModelSpec(TrialConfig(), (3, 32, 32), tuple("abcdefghij"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,42 @@ def test_unusable_folders_are_refused(tmp_path, make, message):
 def test_one_class_only_is_refused(tmp_path):
     folder = write_image_folder(tmp_path / "images", per_class=3)
     for name in CLASSES[1:]:
-        for image in (folder / "train" / name).iterdir():
-            image.unlink()
+        shutil.rmtree(folder / "train" / name)
     with pytest.raises(InputError, match="one class only"):
         load_images(settings(folder, tmp_path), "train")
+
+
+def test_an_empty_class_folder_is_refused_rather_than_shifting_every_label(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    (folder / "train" / "aardvark").mkdir()  # sorts first: as a class, it would move every label up one
+    with pytest.raises(InputError, match=r"class folder .*aardvark holds no images"):
+        load_images(settings(folder, tmp_path), "train")
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    plain = load_images(settings(folder, tmp_path / "plain"), "train")
+    checkpoints = folder / "train" / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(folder / "train" / "red" / "0000.png", checkpoints / "0000-checkpoint.png")
+    shutil.copy(folder / "train" / "red" / "0000.png", folder / "train" / "green" / ".0000.png")
+    with_hidden = load_images(settings(folder, tmp_path / "hidden"), "train")
+    assert with_hidden.classes == plain.classes == tuple(sorted(CLASSES))
+    assert torch.equal(with_hidden.labels, plain.labels)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_a_corrupt_image_cache_is_rebuilt_from_the_files(tmp_path, damage, capsys):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    first = load_images(settings(folder, tmp_path), "train")
+    (cache,) = (tmp_path / "cache" / "cache").glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2] if damage == "truncate" else b"")
+    again = load_images(settings(folder, tmp_path), "train")
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert "is unreadable" in capsys.readouterr().err
+    third = load_images(settings(folder, tmp_path), "train")  # the rebuilt cache now loads
+    assert torch.equal(third.images, first.images)
+    assert "is unreadable" not in capsys.readouterr().err
 
 
 def test_an_unreadable_image_is_named(tmp_path):

@@ -14,20 +14,25 @@ from PIL import Image
 from ray.tune.search.optuna import OptunaSearch
 
 from search import export, retrain, run
-from search.report import (
+from spaces import get_space
+from trainables.checkpoint import ModelSpec
+from trainables.config import TrialConfig
+from trainables.names import (
     ACCURACY_PNG,
     BEST_JSON,
+    BEST_METRIC,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_FILE,
     CURVES_PNG,
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,
-    REPORT_FILES,
+    METRIC,
+    REPORTED_METRICS,
+    SPEC_FILE,
     SUMMARY_MD,
+    TRIAL_TABLE_ARTIFACT,
 )
-from search.tracking import BEST_METRIC, CHECKPOINT_ARTIFACT, TRIAL_TABLE_ARTIFACT
-from spaces import get_space
-from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE, ModelSpec
-from trainables.config import METRIC, TrialConfig
-from trainables.trainable import REPORTED_METRICS
+from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,12 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search import run
-from search.settings import SweepSettings
-from search.sweep import run_sweep
+from search.sweep.engine import run_sweep
+from search.sweep.settings import SweepSettings
 from spaces import registry
 from spaces.registry import SearchSpace
-from trainables.config import METRIC, DataSettings
+from trainables.config import DataSettings
+from trainables.names import METRIC
 from trainables.trainable import train_convnet
 
 pytestmark = pytest.mark.slow

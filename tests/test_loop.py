@@ -22,7 +22,9 @@ def separable_splits(count: int, seed: int = 0) -> ImageSplits:
     labels = torch.arange(count) % 3
     images = torch.randint(0, 90, (count, 3, 8, 8), generator=generator, dtype=torch.uint8)
     images[torch.arange(count), labels] += 140
-    return ImageSplits(images, labels, images, labels, ("r", "g", "b"), (0.5,) * 3, (0.25,) * 3)
+    return ImageSplits(
+        images, labels, images, labels, ("r", "g", "b"), (0.5,) * 3, (0.25,) * 3, f"separable-{count}"
+    )
 
 
 def training_for(

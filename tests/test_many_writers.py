@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.settings import SweepSettings
-from search.sweep import run_sweep
+from search.sweep.engine import run_sweep
+from search.sweep.settings import SweepSettings
 from trainables.config import DataSettings
-from trainables.trainable import REPORTED_METRICS
+from trainables.names import REPORTED_METRICS
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,16 @@ import requests
 from conftest import MlflowServer, start_search_run
 from mlflow.tracking import MlflowClient
 
-from search.report import REPORT_FILES
-from search.tracking import CHECKPOINT_ARTIFACT, ROLE_TAG, SWEEP_SETTINGS_ARTIFACT
-from trainables.checkpoint import CHECKPOINT_FILE, SPEC_FILE
-from trainables.config import METRIC
-from trainables.trainable import REPORTED_METRICS
+from trainables.names import (
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_FILE,
+    METRIC,
+    REPORTED_METRICS,
+    ROLE_TAG,
+    SPEC_FILE,
+    SWEEP_SETTINGS_ARTIFACT,
+)
+from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
 
 pytestmark = pytest.mark.slow
 

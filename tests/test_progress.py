@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_module
 
-from search.progress import SweepStatus
+from search.sweep.progress import SweepStatus
 
 TUNE_TABLE = "Trial status"  # the heading of Tune's own progress tables
 TUNE_HEADER = "Configuration for experiment"
@@ -20,17 +20,17 @@ TUNE_HEADER = "Configuration for experiment"
 def test_the_status_line_counts_trials_and_shows_the_best_config_and_the_remaining_time():
     status = SweepStatus(
         done=3, running=2, pending=1, failed=1, diverged=1,
-        best_accuracy=0.5712, best_params={"lr": 0.0069165, "channel_1": 49},
+        best_accuracy=0.5712, best_trial="003 channel_1=49 lr=0.0069",
         elapsed_s=151, remaining_s=3725,
     )  # fmt: skip
     assert status.line() == (
         "[2m31s] trials: 3 done, 2 running, 1 pending, 1 failed, 1 diverged | ETA ~1h02m"
-        " | best val_acc 0.5712 (lr=0.00692 channel_1=49)"
+        " | best val_acc 0.5712 (003 channel_1=49 lr=0.0069)"
     )
 
 
 def test_before_any_result_the_line_says_the_remaining_time_is_unknown():
-    status = SweepStatus(0, 0, 4, 0, 0, None, {}, elapsed_s=3, remaining_s=None)
+    status = SweepStatus(0, 0, 4, 0, 0, None, "", elapsed_s=3, remaining_s=None)
     assert status.line() == "[3s] trials: 0 done, 0 running, 4 pending, 0 failed, 0 diverged | ETA ?"
 
 
@@ -52,7 +52,7 @@ def test_into_a_pipe_it_prints_plain_status_lines_and_no_tune_tables(image_folde
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     status_lines = [line for line in lines if "] trials: " in line]
-    events = [line for line in status_lines if line.startswith("trial-")]
+    events = [line for line in status_lines if line[:4] in ("001 ", "002 ")]  # named as in MLflow
     assert len(events) == 2 and all(" finished at epoch 1: val_acc " in line for line in events)
     assert "trials: 2 done, 0 running, 0 pending, 0 failed, 0 diverged" in status_lines[-1]
     assert "best val_acc " in status_lines[-1]

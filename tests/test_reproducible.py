@@ -6,9 +6,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
-from search.settings import SweepSettings
-from search.sweep import run_sweep
-from trainables.config import METRIC, DataSettings
+from search.sweep.engine import run_sweep
+from search.sweep.settings import SweepSettings
+from trainables.config import DataSettings
+from trainables.names import METRIC
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,7 @@ import pytest
 from conftest import REPO, start_search_run, write_image_folder
 from mlflow.tracking import MlflowClient
 
-from search.report import IMPORTANCE_JSON
-from trainables.config import METRIC
+from trainables.names import IMPORTANCE_JSON, METRIC
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import MlflowServer, start_search_run, write_image_folder
 from mlflow.tracking import MlflowClient
 
-from trainables.config import METRIC
+from trainables.names import METRIC
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_writes_still_waiting_at_the_end_are_made_by_resume(server, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)
     assert sweep.returncode == 3, stderr[-3000:]
-    journal = tmp_path / "ray" / "late" / "mlflow-pending.json"
+    journal = tmp_path / "ray" / "late.mlflow-pending.json"
     assert journal.exists()
     resume = stderr.strip().splitlines()[-1].strip()
     assert resume.endswith("--name late --resume")

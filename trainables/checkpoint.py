@@ -19,9 +19,7 @@ import torch
 from trainables.config import TrialConfig
 from trainables.errors import InputError, first_line
 from trainables.model import ConvNet, Optimizer, build_model
-
-CHECKPOINT_FILE = "checkpoint.pt"
-SPEC_FILE = "model.json"
+from trainables.names import CHECKPOINT_FILE, SPEC_FILE
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,6 @@ from typing import Any
 
 from trainables.errors import InputError
 
-METRIC = "val_acc"  # the validation accuracy every sweep maximizes
-MODE = "max"
-
 MODEL_STYLES = ("barebones", "module", "sequential")
 # Arithmetic of a trial's model: auto is bf16 where the hardware computes in bf16 natively.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -108,6 +105,6 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         if self.val_size < 1:
-            raise InputError(f"--val-size must be >= 1, got {self.val_size}")
+            raise InputError(f"the validation set needs at least 1 image, got {self.val_size}")
         if self.max_train_images is not None and self.max_train_images < 1:
-            raise InputError(f"--max-train-images must be >= 1, got {self.max_train_images}")
+            raise InputError(f"the training set needs at least 1 image, got {self.max_train_images}")

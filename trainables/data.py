@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from trainables.config import CIFAR10, DataSettings
-from trainables.errors import InputError
+from trainables.errors import InputError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -30,6 +32,7 @@ class LabeledImages:
     images: Tensor  # uint8, N x C x H x W
     labels: Tensor  # int64, N
     classes: tuple[str, ...]
+    fingerprint: str  # changes when the files change
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,6 +49,7 @@ class ImageSplits:
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, on the 0..1 scale, from the training images
     std: tuple[float, ...]
+    fingerprint: str  # changes when the files or the split change
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -71,13 +75,18 @@ def load_splits(settings: DataSettings) -> ImageSplits:
         classes=dataset.classes,
         mean=mean,
         std=std,
+        fingerprint=_digest(
+            f"{dataset.fingerprint}:{settings.val_size}:{settings.max_train_images}:{settings.seed}"
+        ),
     )
 
 
 def split_indices(labels: Tensor, settings: DataSettings) -> tuple[Tensor, Tensor]:
     """Indices of the validation images and of the training images, as the settings pick them."""
     if settings.val_size >= len(labels):
-        raise InputError(f"--val-size {settings.val_size} leaves no training images out of {len(labels)}")
+        raise InputError(
+            f"a validation set of {settings.val_size} images leaves no training images out of {len(labels)}"
+        )
     val_index, train_index = stratified_split(labels, settings.val_size, settings.seed)
     if settings.max_train_images is not None and settings.max_train_images < len(train_index):
         kept, _ = stratified_split(labels[train_index], settings.max_train_images, settings.seed + 1)
@@ -144,35 +153,64 @@ def _load_cifar10(root: Path, split: str) -> LabeledImages:
             "pass --data PATH to an image folder instead"
         ) from None
     images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
-    return LabeledImages(images, torch.tensor(dataset.targets), tuple(dataset.classes))
+    return LabeledImages(images, torch.tensor(dataset.targets), tuple(dataset.classes), f"cifar10-{split}")
 
 
 def _load_folder_cached(folder: Path, root: Path) -> LabeledImages:
-    classes = tuple(sorted(entry.name for entry in folder.iterdir() if entry.is_dir()))
-    files = [
-        (label, path)
-        for label, name in enumerate(classes)
-        for path in sorted((folder / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise InputError(f"no images in {folder} (expected {folder}/<class>/<image>)")
-    if len({label for label, _ in files}) < 2:
-        raise InputError(f"{folder} holds images of one class only; need at least two")
-
-    cache = root / "cache" / f"{folder.parent.name}-{folder.name}-{_fingerprint(folder, files)}.pt"
+    classes, files = _image_files(folder)
+    fingerprint = _fingerprint(folder, files)
+    cache = root / "cache" / f"{folder.parent.name}-{folder.name}-{fingerprint}.pt"
     if cache.exists():
-        saved = torch.load(cache, weights_only=True, mmap=True)  # pages in only what the split takes
-        return LabeledImages(saved["images"], saved["labels"], tuple(saved["classes"]))
+        try:
+            saved = torch.load(cache, weights_only=True, mmap=True)  # pages in only what the split takes
+            return LabeledImages(saved["images"], saved["labels"], tuple(saved["classes"]), fingerprint)
+        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as error:
+            # The cache is only ever a copy of the files: decode them again.
+            print(
+                f"decoded-image cache {cache} is unreadable ({first_line(error)}); rebuilding it",
+                file=sys.stderr,
+            )
 
     dataset = LabeledImages(
-        _decode_all([path for _, path in files]), torch.tensor([label for label, _ in files]), classes
+        _decode_all([path for _, path in files]),
+        torch.tensor([label for label, _ in files]),
+        classes,
+        fingerprint,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(".partial")
     torch.save({"images": dataset.images, "labels": dataset.labels, "classes": list(classes)}, partial)
     partial.replace(cache)  # atomic, so a crash never leaves a half-written cache
     return dataset
+
+
+def _image_files(folder: Path) -> tuple[tuple[str, ...], list[tuple[int, Path]]]:
+    """The classes, in sorted order, and (label, path) of every image.
+
+    Hidden folders and files (a Jupyter checkpoint folder, say) are no classes and no
+    images; a class folder without images is an error, since it would shift every label.
+    """
+    classes = sorted(
+        entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+    )
+    files = [
+        (label, path)
+        for label, name in enumerate(classes)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    ]
+    if not files:
+        raise InputError(f"no images in {folder} (expected {folder}/<class>/<image>)")
+    empty = sorted(set(classes) - {path.parent.name for _, path in files})
+    if empty:
+        raise InputError(f"class folder {folder / empty[0]} holds no images: remove it or add its images")
+    if len(classes) < 2:
+        raise InputError(f"{folder} holds images of one class only; need at least two")
+    return tuple(classes), files
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _fingerprint(folder: Path, files: list[tuple[int, Path]]) -> str:

@@ -18,22 +18,21 @@ import torch
 from ray import tune
 
 from trainables.checkpoint import ModelSpec, load_checkpoint
-from trainables.config import METRIC, TrialConfig
+from trainables.config import TrialConfig
 from trainables.data import ImageSplits
 from trainables.loop import EpochReport, Training
-
-DIVERGED = "diverged"  # result key: 1.0 when the loss stopped being finite
-WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
-# The per-epoch metrics a trial reports; trackers log these and nothing else.
-REPORTED_METRICS = (
-    METRIC,
-    "val_loss",
-    "train_loss",
-    "train_acc",
-    "train_images_per_s",
-    "epoch_time_s",  # training plus validation: the time a trial spends on its real work
+from trainables.names import (
     DIVERGED,
+    EPOCH,
+    EPOCH_TIME_S,
+    METRIC,
+    TRAIN_ACC,
+    TRAIN_IMAGES_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
 )
+
+WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
 
     for report in training.epochs(first_epoch, settings.max_epochs):
         if report.diverged:
-            tune.report({METRIC: WORST_ACCURACY, DIVERGED: 1.0, "epoch": report.epoch})
+            tune.report({METRIC: WORST_ACCURACY, DIVERGED: 1.0, EPOCH: report.epoch})
             return
         with tempfile.TemporaryDirectory() as directory:
             training.save(Path(directory), report.epoch)
@@ -74,12 +73,12 @@ def _epoch_metrics(report: EpochReport) -> dict[str, float]:
     train, val = report.train, report.val
     return {
         METRIC: val.accuracy,
-        "val_loss": val.loss,
-        "train_loss": train.loss,
-        "train_acc": train.accuracy,
-        "train_images_per_s": train.images_per_s,
-        "epoch_time_s": train.seconds + val.seconds,
-        "epoch": report.epoch,
+        VAL_LOSS: val.loss,
+        TRAIN_LOSS: train.loss,
+        TRAIN_ACC: train.accuracy,
+        TRAIN_IMAGES_PER_S: train.images_per_s,
+        EPOCH_TIME_S: train.seconds + val.seconds,
+        EPOCH: report.epoch,
         DIVERGED: 0.0,
     }
 

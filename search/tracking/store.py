@@ -1,44 +1,45 @@
-"""Everything the project reads from and writes to an MLflow store, but the live tracking.
+"""The MLflow store: finding and creating experiments and runs, and reading them back.
 
 A sweep is one parent run; each Tune trial is one child run under it
-(`mlflow.parentRunId`), tagged with its `trial_id`. `search.tracker` writes them
-during a sweep; export, retrain and the report read them here.
+(`mlflow.parentRunId`), tagged with its `trial_id`. The writer
+(`search.tracking.writer`) writes them during a sweep; export, retrain and the
+report read them here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pyarrow as pa
 import requests
-from mlflow.entities import Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-from search.settings import check_tracking_uri, sqlite_file
-from trainables.config import METRIC, TrialConfig
+from search.sweep.settings import check_tracking_uri, sqlite_file
+from trainables.config import CIFAR10, DataSettings, TrialConfig
 from trainables.errors import InputError
-from trainables.trainable import DIVERGED, REPORTED_METRICS
-
-BEST_METRIC = f"best_{METRIC}"  # a child's best epoch, the one whose checkpoint is logged
-CHECKPOINT_ARTIFACT = "checkpoint"  # artifact folder of a child's best checkpoint
-TRIAL_TABLE_ARTIFACT = "trials.parquet"
-SWEEP_SETTINGS_ARTIFACT = "sweep.json"  # the parent's settings with their types, for export
-
-# Tags that tie runs to sweeps and trials.
-SWEEP_TAG = "sweep"
-SPACE_TAG = "space"
-ROLE_TAG = "role"  # "sweep" on the parent, "trial" on children
-TRIAL_ID_TAG = "trial_id"
-ERROR_TAG = "error"  # the traceback of a trial's last crash, its end
-ERROR_TAG_CHARS = 4000
+from trainables.names import (
+    BEST_METRIC,
+    DIVERGED,
+    REPORTED_METRICS,
+    ROLE_TAG,
+    SPACE_TAG,
+    SWEEP_ROLE,
+    SWEEP_SETTINGS_ARTIFACT,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+)
 
 # Progress bars from artifact transfers would interleave with Tune's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -74,29 +75,88 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 def find_sweep_run(client: MlflowClient, experiment_id: str, sweep: str | None) -> Run | None:
     """The parent run of the named sweep, or of the latest sweep when no name is given."""
-    query = f"tags.{ROLE_TAG} = 'sweep'"
+    query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}'"
     if sweep is not None:
         query += f" and tags.{SWEEP_TAG} = '{sweep}'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
+@dataclass(frozen=True)
+class ImageDataset:
+    """One split of images as MLflow records it: the UI's Dataset column shows name and digest."""
+
+    name: str  # e.g. "images-train"
+    digest: str  # changes when the images or the split change
+    source: str  # the folder, or CIFAR-10's download location
+    split: str  # "train", "validation" or "test": the input's context in MLflow
+    num_images: int
+
+    @classmethod
+    def of(cls, data: DataSettings, split: str, fingerprint: str, num_images: int) -> ImageDataset:
+        """The images of one split, named after their folder (or CIFAR-10), digested by their files."""
+        if data.source == CIFAR10:
+            name, source = CIFAR10, str(Path(data.root).resolve())
+        else:
+            name, source = Path(data.source).resolve().name, str(Path(data.source).resolve())
+        digest = hashlib.sha256(f"{fingerprint}:{split}".encode()).hexdigest()[:16]
+        return cls(f"{name}-{split}", digest, source, split, num_images)
+
+
+def log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[ImageDataset]) -> None:
+    if not datasets:
+        return
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                Dataset(
+                    name=dataset.name,
+                    digest=dataset.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": dataset.source}),
+                    profile=json.dumps({"num_images": dataset.num_images, "split": dataset.split}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, dataset.split)],
+            )
+            for dataset in datasets
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """The sweep's parent run, known once, when the sweep starts."""
+
+    run_id: str
+    experiment_id: str
+    sweep: str
+    datasets: tuple[ImageDataset, ...]  # what every trial trains and validates on
+
+
 def start_sweep_run(
-    client: MlflowClient, experiment_id: str, sweep: str, space: str, params: Mapping[str, Any]
-) -> str:
+    client: MlflowClient,
+    experiment: str,
+    sweep: str,
+    space: str,
+    params: Mapping[str, Any],
+    datasets: tuple[ImageDataset, ...],
+) -> SweepRun:
     """The sweep's parent run: reused when the sweep already has one, so a resume adds no duplicate."""
+    experiment_id = get_or_create_experiment(client, experiment)
     existing = find_sweep_run(client, experiment_id, sweep)
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
-        return existing.info.run_id
+        return SweepRun(existing.info.run_id, experiment_id, sweep, datasets)
     run = client.create_run(
         experiment_id,
         run_name=sweep,
-        tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep, SPACE_TAG: space},
+        tags={ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep, SPACE_TAG: space},
     )
     client.log_batch(run.info.run_id, params=as_params(params))
     client.log_dict(run.info.run_id, dict(params), SWEEP_SETTINGS_ARTIFACT)
-    return run.info.run_id
+    log_datasets(client, run.info.run_id, datasets)
+    return SweepRun(run.info.run_id, experiment_id, sweep, datasets)
 
 
 def load_json_artifact(client: MlflowClient, run_id: str, path: str) -> Any:
@@ -130,12 +190,9 @@ def is_diverged(run: Run) -> bool:
     return run.data.tags.get(DIVERGED) == "true"
 
 
-def status_counts(children: list[Run]) -> dict[str, int]:
+def status_counts(children: list[Run]) -> Counter[str]:
     """How many trials ended in each MLflow status (FINISHED, FAILED, KILLED, RUNNING)."""
-    counts: dict[str, int] = {}
-    for run in children:
-        counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    return counts
+    return Counter(run.info.status for run in children)
 
 
 def trial_table(children: list[Run]) -> pa.Table:

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from search.storage import StoredFile, check_storage, join, resolve_storage
+from search.sweep.storage import StoredFile, check_storage, join, resolve_storage
 from spaces import get_space
 from trainables.config import PRECISIONS, DataSettings
 from trainables.errors import InputError
@@ -86,8 +86,12 @@ class SweepSettings:
 
     @property
     def journal(self) -> StoredFile:
-        """MLflow writes that wait while MLflow fails: written later, or by --resume."""
-        return StoredFile(join(self.sweep_location, "mlflow-pending.json"))
+        """MLflow writes that wait while MLflow fails: written later, or by --resume.
+
+        Beside the sweep's folder, not in it: Tune copies that folder down when it restores
+        a sweep and back up as it runs, which would bring back a journal already written.
+        """
+        return StoredFile(join(self.storage, f"{self.sweep_name}.mlflow-pending.json"))
 
     @property
     def sweep_name(self) -> str:

@@ -3,17 +3,18 @@
 - importance.json / importance.png: how much each searched hyperparameter mattered for the
   best validation accuracy, by Optuna's fANOVA and PED-ANOVA evaluators over the sweep's trials;
 - accuracy_by_hyperparameter.png: each trial's best validation accuracy against each searched
-  hyperparameter, on a log axis where the space samples on a log scale;
-- learning_curves.png: validation accuracy per epoch of the top trials;
+  hyperparameter (Optuna's slice plot, on a log axis where the space samples on a log scale);
+- learning_curves.png: validation accuracy per epoch of the top trials (Optuna's intermediate values);
 - trials.parquet (one row a trial), summary.md, and best.json (the file `search.export` writes).
 
-Plots are drawn on matplotlib's Agg canvas, so no display is needed.
+The report rebuilds the sweep as an in-memory Optuna study, so Optuna's own
+evaluators and plots read it; only the importance chart, which sets two
+evaluators side by side, is drawn here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -22,45 +23,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import optuna
+import optuna.visualization.matplotlib as optuna_plots
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
-from search.best_config import write_best
-from search.export import best_trial
-from search.tracking import (
-    BEST_METRIC,
-    SPACE_TAG,
-    SWEEP_TAG,
-    TRIAL_TABLE_ARTIFACT,
-    is_diverged,
-    status_counts,
-    trial_table,
-)
+from search.tracking.best import best_trial, write_best
+from search.tracking.store import is_diverged, status_counts, trial_table
 from spaces import SearchSpace, get_space
-from trainables.config import METRIC, TrialConfig
+from trainables.config import TrialConfig
 from trainables.errors import InputError
-
-IMPORTANCE_JSON = "importance.json"
-IMPORTANCE_PNG = "importance.png"
-ACCURACY_PNG = "accuracy_by_hyperparameter.png"
-CURVES_PNG = "learning_curves.png"
-SUMMARY_MD = "summary.md"
-BEST_JSON = "best.json"
-REPORT_FILES = (
+from trainables.names import (
+    ACCURACY_PNG,
+    BEST_JSON,
+    BEST_METRIC,
+    CURVES_PNG,
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,
-    ACCURACY_PNG,
-    CURVES_PNG,
-    TRIAL_TABLE_ARTIFACT,
+    METRIC,
+    SPACE_TAG,
     SUMMARY_MD,
-    BEST_JSON,
+    SWEEP_TAG,
+    TRIAL_TABLE_ARTIFACT,
 )
 
 TOP_TRIALS = 5  # learning curves and summary rows
@@ -92,23 +82,26 @@ def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -
     space = get_space(parent.data.tags[SPACE_TAG])
     scored = scored_trials(children)
     distributions = searched_distributions(space, scored)
-    importance = param_importance(scored, distributions)
-    with tempfile.TemporaryDirectory() as directory:
-        folder = Path(directory)
-        (folder / IMPORTANCE_JSON).write_text(json.dumps(importance, indent=2) + "\n")
-        _save(plot_importance(importance), folder / IMPORTANCE_PNG)
-        _save(plot_accuracy_by_hyperparameter(scored, distributions), folder / ACCURACY_PNG)
-        top = sorted(scored, key=lambda trial: -trial.accuracy)[:TOP_TRIALS]
-        _save(plot_learning_curves(client, top), folder / CURVES_PNG)
-        pq.write_table(trial_table(children), folder / TRIAL_TABLE_ARTIFACT)
-        try:
-            write_best(best_trial(client, parent, children), folder / BEST_JSON)
-            best_note = f"`{BEST_JSON}` holds the best config, as `search.export` writes it."
-        except InputError as error:  # no trial finished an epoch
-            best_note = f"No `{BEST_JSON}`: {error}."
-        summary = summary_markdown(parent, children, top, distributions, importance, best_note)
-        (folder / SUMMARY_MD).write_text(summary)
-        client.log_artifacts(parent.info.run_id, str(folder))
+    top = sorted(scored, key=lambda trial: -trial.accuracy)[:TOP_TRIALS]
+    with _quiet_optuna():
+        study = sweep_study(scored, distributions)
+        importance = param_importance(study, distributions)
+        curves = sweep_study(top, distributions, client)
+        with tempfile.TemporaryDirectory() as directory:
+            folder = Path(directory)
+            (folder / IMPORTANCE_JSON).write_text(json.dumps(importance, indent=2) + "\n")
+            plot_importance(importance).savefig(folder / IMPORTANCE_PNG)
+            _save_optuna_plot(optuna_plots.plot_slice(study, target_name=BEST_METRIC), folder / ACCURACY_PNG)
+            _save_optuna_plot(optuna_plots.plot_intermediate_values(curves), folder / CURVES_PNG)
+            pq.write_table(trial_table(children), folder / TRIAL_TABLE_ARTIFACT)
+            try:
+                write_best(best_trial(client, parent, children), folder / BEST_JSON)
+                best_note = f"`{BEST_JSON}` holds the best config, as `search.export` writes it."
+            except InputError as error:  # no trial finished an epoch
+                best_note = f"No `{BEST_JSON}`: {error}."
+            summary = summary_markdown(parent, children, top, distributions, importance, best_note)
+            (folder / SUMMARY_MD).write_text(summary)
+            client.log_artifacts(parent.info.run_id, str(folder))
 
 
 def scored_trials(children: list[Run]) -> list[ScoredTrial]:
@@ -144,53 +137,65 @@ def _widen(first: BaseDistribution, second: BaseDistribution) -> BaseDistributio
     return type(first)(low=low, high=high, log=first.log, step=first.step)  # type: ignore[attr-defined,call-arg]
 
 
-def param_importance(trials: list[ScoredTrial], distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
+def sweep_study(
+    trials: list[ScoredTrial], distributions: dict[str, BaseDistribution], client: MlflowClient | None = None
+) -> optuna.Study:
+    """The trials as an in-memory Optuna study; with a client, each with its accuracy per epoch."""
+    study = optuna.create_study(direction="maximize")
+    for trial in trials:
+        values = trial.config.to_dict()
+        history = client.get_metric_history(trial.run.info.run_id, METRIC) if client is not None else []
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={name: values[name] for name in distributions},
+                distributions=distributions,
+                value=trial.accuracy,
+                intermediate_values={point.step: point.value for point in history},
+                user_attrs={"run_name": trial.name},
+            )
+        )
+    return study
+
+
+def param_importance(study: optuna.Study, distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
     """Importances by each evaluator (they sum to 1), with notes where one could not say."""
     report: dict[str, Any] = {
         "target": BEST_METRIC,
-        "trials": len(trials),
+        "trials": len(study.trials),
         "params": sorted(distributions),
         "evaluators": {},
         "notes": [],
     }
-    if len(trials) < 2 or not distributions:
+    if len(study.trials) < 2 or not distributions:
         report["notes"].append("importance needs at least 2 trials with a result and a searched parameter")
         return report
-    with _quiet_optuna():
-        study = optuna.create_study(direction="maximize")
-        for trial in trials:
-            values = trial.config.to_dict()
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params={name: values[name] for name in distributions},
-                    distributions=distributions,
-                    value=trial.accuracy,
-                )
-            )
-        for name, evaluator in importance_evaluators().items():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-                except RuntimeError as error:  # e.g. every trial scored the same
-                    report["notes"].append(f"{name}: {error}")
-                    continue
-            report["evaluators"][name] = {param: float(value) for param, value in values.items()}
-            report["notes"] += [
-                f"{name}: {warning.message}"
-                for warning in caught
-                if not issubclass(warning.category, ExperimentalWarning)
-            ]
+    for name, evaluator in importance_evaluators().items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            except RuntimeError as error:  # e.g. every trial scored the same
+                report["notes"].append(f"{name}: {error}")
+                continue
+        report["evaluators"][name] = {param: float(value) for param, value in values.items()}
+        report["notes"] += [
+            f"{name}: {warning.message}"
+            for warning in caught
+            if not issubclass(warning.category, ExperimentalWarning)
+        ]
     return report
 
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """The throwaway study's INFO lines would land in the middle of the sweep's output."""
+    """The throwaway studies' INFO lines, and the plots' experimental warnings, would land in the
+    middle of the sweep's output."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            yield
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -221,61 +226,11 @@ def plot_importance(importance: dict[str, Any]) -> Figure:
     return figure
 
 
-def plot_accuracy_by_hyperparameter(
-    trials: list[ScoredTrial], distributions: dict[str, BaseDistribution]
-) -> Figure:
-    params = sorted(distributions)
-    columns = min(3, max(1, len(params)))
-    rows = max(1, math.ceil(len(params) / columns))
-    figure = Figure(figsize=(4 * columns, 3.2 * rows), dpi=DPI, layout="constrained")
-    figure.suptitle(f"{BEST_METRIC} of each trial against each searched hyperparameter")
-    best = max(trials, key=lambda trial: trial.accuracy, default=None)
-    for index, param in enumerate(params):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        for group, style in (
-            ([t for t in trials if not t.diverged], {"color": "tab:blue", "marker": "o", "label": "trial"}),
-            ([t for t in trials if t.diverged], {"color": "tab:red", "marker": "x", "label": "diverged"}),
-        ):
-            if not group:
-                continue
-            values = [t.config.to_dict()[param] for t in group]
-            axes.scatter(values, [t.accuracy for t in group], s=28, alpha=0.8, **style)
-        if best is not None:
-            axes.scatter([best.config.to_dict()[param]], [best.accuracy], s=160, marker="*",
-                         color="gold", edgecolor="black", zorder=3, label="best")  # fmt: skip
-        log_scale = getattr(distributions[param], "log", False)
-        if log_scale:
-            axes.set_xscale("log")
-            axes.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
-        axes.set_xlabel(param + (" (log)" if log_scale else ""))
-        axes.set_ylabel(BEST_METRIC)
-        axes.grid(alpha=0.3)
-        if index == 0:
-            axes.legend(fontsize="small")
-    if not params:
-        figure.add_subplot().text(0.5, 0.5, "no searched hyperparameters", ha="center")
-    return figure
-
-
-def plot_learning_curves(client: MlflowClient, top: list[ScoredTrial]) -> Figure:
-    figure = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
-    axes = figure.add_subplot()
-    axes.set_title(f"{METRIC} per epoch, top {len(top)} trials")
-    for rank, trial in enumerate(top, start=1):
-        history = sorted(client.get_metric_history(trial.run.info.run_id, METRIC), key=lambda p: p.step)
-        axes.plot([p.step for p in history], [p.value for p in history], marker="o",
-                  label=f"{rank}. {trial.name} ({trial.accuracy:.3f})")  # fmt: skip
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(METRIC)
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.grid(alpha=0.3)
-    if top:
-        axes.legend(fontsize="small")
-    return figure
-
-
-def _save(figure: Figure, path: Path) -> None:
-    figure.savefig(path, format="png")
+def _save_optuna_plot(axes: Any, path: Path) -> None:
+    """Saves the figure of one of Optuna's plots (an Axes, or an array of them) and closes it."""
+    figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+    figure.savefig(path, format="png", dpi=DPI)
+    plt.close(figure)
 
 
 # Summary ---------------------------------------------------------------------

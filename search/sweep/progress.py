@@ -15,9 +15,8 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from spaces import get_space
-from trainables.config import METRIC, TrialConfig
-from trainables.trainable import DIVERGED
+from search.tracking.callback import run_name
+from trainables.names import DIVERGED, EPOCH, METRIC
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class SweepStatus:
     failed: int
     diverged: int  # among the done
     best_accuracy: float | None
-    best_params: dict[str, Any]  # the searched hyperparameters of the best trial
+    best_trial: str  # the best trial's name, as its MLflow run has it
     elapsed_s: float
     remaining_s: float | None  # None until there is progress to extrapolate from
 
@@ -42,8 +41,7 @@ class SweepStatus:
             f"{self.pending} pending, {self.failed} failed, {self.diverged} diverged | ETA {eta}"
         )
         if self.best_accuracy is not None:
-            params = " ".join(f"{name}={_short(value)}" for name, value in self.best_params.items())
-            line += f" | best {METRIC} {self.best_accuracy:.4f} ({params})"
+            line += f" | best {METRIC} {self.best_accuracy:.4f} ({self.best_trial})"
         return line
 
 
@@ -80,11 +78,12 @@ class SweepProgress(tune.Callback):
         ended = "diverged" if last.get(DIVERGED) else "finished"
         accuracy = last.get(METRIC)
         score = f": {METRIC} {accuracy:.4f}" if accuracy is not None else ""
-        event = f"trial-{trial.trial_id} {ended} at epoch {last.get('epoch', 0)}{score}"  # its MLflow run
+        event = f"{run_name(trial, self.space)} {ended} at epoch {last.get(EPOCH, 0)}{score}"
         self._show(self.status(trials, ending={trial.trial_id: "TERMINATED"}), event)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), f"trial-{trial.trial_id} failed")
+        event = f"{run_name(trial, self.space)} failed"
+        self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), event)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._show(self.status(trials))
@@ -119,7 +118,7 @@ class SweepProgress(tune.Callback):
             failed=len(by_status.get("ERROR", [])),
             diverged=sum(bool((trial.last_result or {}).get(DIVERGED)) for trial in done),
             best_accuracy=best_accuracy,
-            best_params=self._searched(best.config) if best is not None else {},
+            best_trial=run_name(best, self.space) if best is not None else "",
             elapsed_s=elapsed,
             remaining_s=elapsed * (1 - fraction) / gained if gained > 0 else None,
         )
@@ -135,14 +134,8 @@ class SweepProgress(tune.Callback):
             if ending.get(trial.trial_id, trial.status) in ("TERMINATED", "ERROR"):
                 total += 1.0
             else:
-                total += min(1.0, (trial.last_result or {}).get("epoch", 0) / self.max_epochs)
+                total += min(1.0, (trial.last_result or {}).get(EPOCH, 0) / self.max_epochs)
         return total / self.num_samples
-
-    def _searched(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The best trial's searched hyperparameters: its constants would only fill the line."""
-        trial_config = TrialConfig.from_dict(config)
-        values = trial_config.to_dict()
-        return {name: values[name] for name in get_space(self.space).searched_at(trial_config)}
 
     def _show(self, status: SweepStatus, event: str | None = None) -> None:
         self._last_print = time.monotonic()
@@ -164,7 +157,3 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,4 +1,4 @@
-"""best.json: a sweep's best trial, self-describing, written by export and read by retrain."""
+"""best.json: a sweep's best trial, self-describing, written by export and the report, read by retrain."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from search.tracking.store import best_child_run, load_json_artifact
 from trainables.checkpoint import ModelSpec
-from trainables.config import METRIC, DataSettings, TrialConfig
+from trainables.config import DataSettings, TrialConfig
 from trainables.errors import InputError
+from trainables.names import (
+    BEST_METRIC,
+    CHECKPOINT_ARTIFACT,
+    METRIC,
+    SPACE_TAG,
+    SPEC_FILE,
+    SWEEP_SETTINGS_ARTIFACT,
+    SWEEP_TAG,
+)
 
 SCHEMA_VERSION = 1
 
@@ -106,6 +119,35 @@ class BestTrial:
             raise InputError(f"missing key {error.args[0]!r}") from None
         except TypeError as error:
             raise InputError(f"malformed value: {error}") from None
+
+
+def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTrial:
+    """What best.json holds for a sweep: its best trial's model, training settings and MLflow runs."""
+    best = best_child_run(children)
+    sweep_name = parent.data.tags[SWEEP_TAG]
+    if best is None:
+        raise InputError(f"no trial of sweep {sweep_name} finished an epoch")
+    settings = load_json_artifact(client, parent.info.run_id, SWEEP_SETTINGS_ARTIFACT)
+    spec = ModelSpec.from_dict(
+        load_json_artifact(client, best.info.run_id, f"{CHECKPOINT_ARTIFACT}/{SPEC_FILE}")
+    )
+    data = DataSettings(
+        **{key[len("data_") :]: value for key, value in settings.items() if key.startswith("data_")}
+    )
+    return BestTrial(
+        space=parent.data.tags[SPACE_TAG],
+        sweep=sweep_name,
+        experiment=client.get_experiment(parent.info.experiment_id).name,
+        spec=spec,
+        epochs=int(settings["epochs"]),
+        seed=int(settings["seed"]),
+        data=data,
+        val_acc=best.data.metrics[BEST_METRIC],
+        tracking_uri=client.tracking_uri,
+        run_id=best.info.run_id,
+        parent_run_id=parent.info.run_id,
+        checkpoint_uri=f"runs:/{best.info.run_id}/{CHECKPOINT_ARTIFACT}",
+    )
 
 
 def write_best(best: BestTrial, path: Path) -> None:

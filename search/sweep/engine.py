@@ -19,26 +19,24 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.in_order import InOrderSearcher
-from search.progress import SweepProgress
-from search.settings import SweepSettings, check_ray_address, check_reachable
-from search.tracker import SweepTracker
-from search.tracking import (
-    BEST_METRIC,
-    ERROR_TAG,
+from search.sweep.progress import SweepProgress
+from search.sweep.searcher import InOrderSearcher
+from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
+from search.tracking.callback import SweepTracker
+from search.tracking.store import (
+    ImageDataset,
     WritesPending,
     best_child_run,
     child_runs,
     default_tracking_uri,
-    get_or_create_experiment,
     is_diverged,
     start_sweep_run,
     status_counts,
 )
 from spaces import SearchSpace, get_space
-from trainables.config import METRIC, MODE
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
+from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE
 from trainables.trainable import TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
@@ -94,9 +92,13 @@ def _sweep(
         gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
 
     client = MlflowClient(tracking_uri)
-    experiment_id = get_or_create_experiment(client, settings.experiment_name)
-    parent_run_id = start_sweep_run(
-        client, experiment_id, settings.sweep_name, space.name, _sweep_params(settings, gpus_per_trial)
+    datasets = (
+        ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
+        ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
+    )
+    params = _sweep_params(settings, gpus_per_trial)
+    sweep_run = start_sweep_run(
+        client, settings.experiment_name, settings.sweep_name, space.name, params, datasets
     )
 
     resourced = tune.with_resources(
@@ -111,7 +113,9 @@ def _sweep(
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
     callbacks: list[tune.Callback] = [
-        SweepTracker(tracking_uri, parent_run_id, settings.num_samples, settings.epochs, settings.journal)
+        SweepTracker(
+            tracking_uri, sweep_run, space.name, settings.num_samples, settings.epochs, settings.journal
+        )
     ]
     if settings.output == "progress":
         callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
@@ -155,7 +159,7 @@ def _sweep(
     tuner.fit()
     if settings.journal.exists():
         raise WritesPending(f"MLflow writes wait in {settings.journal}")
-    return _outcome(client, settings, tracking_uri, parent_run_id)
+    return _outcome(client, settings, tracking_uri, sweep_run.run_id)
 
 
 def _searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) -> InOrderSearcher:

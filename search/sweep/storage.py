@@ -7,6 +7,7 @@ credentials, exactly as Tune does with the same string).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,11 +63,21 @@ class StoredFile:
         with filesystem.open_input_stream(path) as stream:
             return stream.read().decode()
 
-    def write_text(self, text: str) -> None:
+    def write_text_atomically(self, text: str) -> None:
+        """Written beside, then moved over the file: a reader sees the old text or the new, never half."""
         filesystem, path = self._resolved()
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with filesystem.open_output_stream(path) as stream:
+        partial = f"{path}.partial"
+        with filesystem.open_output_stream(partial) as stream:
             stream.write(text.encode())
+        filesystem.move(partial, path)
+
+    def set_aside(self) -> str:
+        """Renames the file out of the way, keeping it for a person to look at; returns its new location."""
+        filesystem, path = self._resolved()
+        suffix = f".unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        filesystem.move(path, path + suffix)
+        return self.location + suffix
 
     def unlink(self) -> None:
         filesystem, path = self._resolved()

@@ -1,0 +1,162 @@
+"""`SweepTracker`: the Tune callback that turns a sweep's events into MLflow writes, on the driver.
+
+Each Tune trial is a child run of the sweep's parent run, found again by its
+`trial_id` tag, so a restored sweep reuses its runs instead of duplicating them.
+Writing from the driver alone keeps SQLite stores safe from many writers. The
+writes themselves are `search.tracking.writer`'s operations; the queue in
+`search.tracking.journal` applies them, or keeps them on disk while MLflow fails.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from search.sweep.storage import StoredFile
+from search.tracking.journal import Journal, WriteQueue
+from search.tracking.writer import (
+    EndTrial,
+    FinishSweep,
+    LogCheckpoint,
+    LogEpoch,
+    MlflowWriter,
+    StartTrial,
+    SweepRun,
+    TagTrial,
+)
+from spaces import get_space
+from trainables.config import TrialConfig
+from trainables.names import DIVERGED, EPOCH, ERROR_TAG, METRIC, REPORTED_METRICS, RETRIES_TAG
+
+
+def final_status(trial: Any, max_epochs: int) -> str:
+    """How a trial's end in Tune shows in MLflow.
+
+    After a Ctrl-C, Tune stops the trials under way and they too end up TERMINATED
+    (the snapshot it saved first still has them running, so a resume continues them).
+    A trial really finished when its last result says done (a scheduler's stop), it
+    trained every epoch, or it diverged; `done` alone is not kept across a restore.
+    """
+    if trial.status == "ERROR":
+        return "FAILED"
+    last = trial.last_result or {}
+    ended = last.get("done") or last.get(EPOCH, 0) >= max_epochs or last.get(DIVERGED)
+    return "FINISHED" if trial.status == "TERMINATED" and ended else "KILLED"
+
+
+def run_name(trial: Any, space: str) -> str:
+    """The trial's MLflow run name, also used in the progress lines: its number and searched values.
+
+    The number is the order Tune created the trial in (the start of its experiment
+    tag), which a resume keeps: the name is unique in its sweep, and stable.
+    """
+    config = TrialConfig.from_dict(trial.config)
+    values = config.to_dict()
+    searched = sorted(get_space(space).searched_at(config))
+    number = int(trial.experiment_tag.split("_", 1)[0])
+    return " ".join([f"{number:03d}", *(f"{name}={_short(values[name])}" for name in searched)])
+
+
+def _short(value: Any) -> str:
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
+class SweepTracker(tune.Callback):
+    """Submits one operation per event; the queue writes it, or journals it while MLflow fails.
+
+    Picklable on purpose: Tune saves it with the experiment and brings it back on
+    restore; run ids are found again in MLflow by tag, never trusted from memory.
+    """
+
+    END_GRACE_S = 30.0  # at the end, how long a restarting server is waited for
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        sweep: SweepRun,
+        space: str,
+        num_samples: int,
+        max_epochs: int,
+        journal: StoredFile,
+    ) -> None:
+        self.settings = {
+            "tracking_uri": tracking_uri,
+            "sweep": sweep,
+            "space": space,
+            "num_samples": num_samples,
+            "max_epochs": max_epochs,
+            "journal": journal,
+        }
+        self.space = space
+        self.num_samples = num_samples  # fewer trials at the end means the sweep was cut off
+        self.max_epochs = max_epochs
+        self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep), Journal(journal))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.settings
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self.queue.pending)
+
+    def setup(self, **info: Any) -> None:
+        self.queue.load()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.queue.flush()  # catch up once MLflow is back, even between results
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.queue.submit(StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        metrics = {name: float(result[name]) for name in REPORTED_METRICS if name in result}
+        step = int(result.get(EPOCH, result.get("training_iteration", 0)))
+        finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
+        self.queue.submit(LogEpoch(trial.trial_id, step, finite, int(time.time() * 1000)))
+        if result.get(DIVERGED):
+            self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        accuracy = trial.last_result.get(METRIC)
+        if accuracy is not None:
+            step = int(trial.last_result.get(EPOCH, 0))
+            self.queue.submit(LogCheckpoint(trial.trial_id, checkpoint.path, accuracy, step))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.queue.submit(EndTrial(trial.trial_id, "FINISHED"))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A crash Tune will retry from the last checkpoint: the run says so, and stays RUNNING."""
+        tags = {RETRIES_TAG: str(trial.run_metadata.num_failures), ERROR_TAG: _error_text(trial)}
+        self.queue.submit(TagTrial(trial.trial_id, tags))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.queue.submit(TagTrial(trial.trial_id, {ERROR_TAG: _error_text(trial)}))
+        self.queue.submit(EndTrial(trial.trial_id, "FAILED"))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune calls this at the end, after a Ctrl-C too; unfinished trials mean an interruption."""
+        statuses = {trial.trial_id: final_status(trial, self.max_epochs) for trial in trials}
+        for trial_id, status in statuses.items():
+            self.queue.submit(EndTrial(trial_id, status, only_if_started=True))
+        interrupted = "KILLED" in statuses.values() or len(trials) < self.num_samples
+        self.queue.submit(FinishSweep(interrupted))
+        # The last chance in this run: give a restarting server a little time.
+        deadline = time.monotonic() + self.END_GRACE_S
+        while self.queue.pending and time.monotonic() < deadline:
+            time.sleep(2.0)
+            self.queue.flush(force=True)
+
+
+def _error_text(trial: Any) -> str:
+    path = trial.error_file
+    if path and Path(path).exists():
+        return Path(path).read_text().strip()
+    return "(no error text was saved)"

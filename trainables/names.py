@@ -1,0 +1,60 @@
+"""Every name a metric, a tag or an artifact is known by, defined once.
+
+Trials report metrics under these names, the MLflow writer logs and tags runs
+with them, and export, the report and retrain read them back. Plain strings, no
+imports: any module can use them without loading torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+METRIC = "val_acc"  # the validation accuracy every sweep maximizes
+MODE = "max"
+
+# What a trial reports at each epoch, and what the MLflow writer logs of it.
+EPOCH = "epoch"  # how far a trial has trained: the step of its metrics, the unit of ASHA's rungs
+VAL_LOSS = "val_loss"
+TRAIN_LOSS = "train_loss"
+TRAIN_ACC = "train_acc"
+TRAIN_IMAGES_PER_S = "train_images_per_s"
+EPOCH_TIME_S = "epoch_time_s"  # training plus validation: the time a trial spends on its real work
+DIVERGED = "diverged"  # 1.0 when the loss stopped being finite; also a tag, "true"
+REPORTED_METRICS = (METRIC, VAL_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_IMAGES_PER_S, EPOCH_TIME_S, DIVERGED)
+BEST_METRIC = f"best_{METRIC}"  # a trial's best epoch, the one whose checkpoint is logged
+TEST_ACC = "test_acc"
+TEST_LOSS = "test_loss"
+
+# Tags that tie runs to sweeps, trials and each other.
+ROLE_TAG = "role"  # one of the roles below
+SWEEP_ROLE, TRIAL_ROLE, RETRAIN_ROLE = "sweep", "trial", "retrain"
+SWEEP_TAG = "sweep"
+SPACE_TAG = "space"
+TRIAL_ID_TAG = "trial_id"
+ERROR_TAG = "error"  # the end of the traceback of a trial's last crash
+RETRIES_TAG = "retries"
+RESUMED_AT_TAG = "resumed_at_epoch"
+BEST_RUN_ID_TAG = "best_run_id"
+BEST_TRIAL_ID_TAG = "best_trial_id"
+SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained
+
+# Artifacts, and the files of a checkpoint.
+CHECKPOINT_ARTIFACT = "checkpoint"  # folder of a trial's best checkpoint
+CHECKPOINT_FILE = "checkpoint.pt"  # tensors only
+SPEC_FILE = "model.json"  # what rebuilds the model
+MODEL_ARTIFACT = "model"  # a retrained model, in MLflow's pytorch flavor
+SWEEP_SETTINGS_ARTIFACT = "sweep.json"  # the parent's settings with their types, for export
+TRIAL_TABLE_ARTIFACT = "trials.parquet"
+IMPORTANCE_JSON = "importance.json"
+IMPORTANCE_PNG = "importance.png"
+ACCURACY_PNG = "accuracy_by_hyperparameter.png"
+CURVES_PNG = "learning_curves.png"
+SUMMARY_MD = "summary.md"
+BEST_JSON = "best.json"
+REPORT_ARTIFACTS = (
+    IMPORTANCE_JSON,
+    IMPORTANCE_PNG,
+    ACCURACY_PNG,
+    CURVES_PNG,
+    TRIAL_TABLE_ARTIFACT,
+    SUMMARY_MD,
+    BEST_JSON,
+)
