@@ -48,7 +48,7 @@ from search.cli import (
     positive_int,
     run_command,
 )
-from search.sweep.engine import run_sweep
+from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
 from search.tracking.store import child_runs
 from spaces import get_space
@@ -314,10 +314,8 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 def measure_sweeps(
     data: DataSettings, space: str, trials: int, seed: int, train_images: int
 ) -> dict[str, Any]:
-    owns_ray = not ray.is_initialized()
     started = time.perf_counter()
-    if owns_ray:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    owns_ray = start_ray(address=None, output="progress")
     figures: dict[str, Any] = {"ray_start_s": time.perf_counter() - started}
     try:
         timing = sweep_timing(data, space, trials, seed, train_images)

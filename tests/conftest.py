@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +57,83 @@ def ray_runtime():
     ray.shutdown()
 
 
+def small_sweep(image_folder: Path, workdir: Path, **overrides: Any) -> Any:
+    """SweepSettings shrunk for a test: the small image folder, 2 one-epoch trials, a SQLite store and
+    Tune storage inside `workdir`, no progress line. Any field can be overridden."""
+    from search.sweep.settings import SweepSettings
+    from trainables.config import DataSettings
+
+    values: dict[str, Any] = {
+        "space": "nesterov",
+        "data": DataSettings(source=str(image_folder), root=str(workdir / "cache"), val_size=9),
+        "epochs": 1,
+        "num_samples": 2,
+        "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+        "storage_path": str(workdir / "ray"),
+        "name": "test",
+        "output": "quiet",
+    }
+    return SweepSettings(**{**values, **overrides})
+
+
+def sweep_args(settings: Any) -> list[str]:
+    """The `search.run` arguments that make the same sweep as `settings` (from `small_sweep`)."""
+    data = settings.data
+    args = ["--space", settings.space, "--data", data.source, "--data-root", data.root]
+    args += ["--val-size", str(data.val_size), "--num-samples", str(settings.num_samples)]
+    args += [
+        "--epochs",
+        str(settings.epochs),
+        "--scheduler",
+        settings.scheduler,
+        "--seed",
+        str(settings.seed),
+    ]
+    args += ["--tracking-uri", settings.tracking_uri, "--storage-path", settings.storage_path]
+    if settings.experiment is not None:
+        args += ["--experiment", settings.experiment]
+    return [*args, "--name", settings.sweep_name]
+
+
+def trial_runs(settings: Any) -> list:
+    """The sweep's child runs in MLflow, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    query = f"tags.role = 'trial' and tags.sweep = '{settings.sweep_name}'"
+    return client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time ASC"])
+
+
+def sweep_parent(settings: Any) -> Any:
+    """The sweep's parent run in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    query = f"tags.role = 'sweep' and tags.sweep = '{settings.sweep_name}'"
+    (parent,) = client.search_runs([experiment.experiment_id], query)
+    return parent
+
+
+def metric_steps(settings: Any, run: Any, metric: str = "val_acc") -> list[int]:
+    """The epochs a run logged the metric at, in order."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(settings.tracking_uri).get_metric_history(run.info.run_id, metric)
+    return sorted(point.step for point in history)
+
+
+def optuna_trials(settings: Any) -> list:
+    """The sweep's Optuna study, as Optuna itself stored it, read through Optuna's public API."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(settings.optuna_journal))
+    return optuna.load_study(study_name=settings.sweep_name, storage=storage).trials
+
+
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` to its end, output captured, with no tracking URI from the caller's shell."""
     return subprocess.run(
@@ -80,6 +158,13 @@ def start_search_run(args: list[str], cwd: Path) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Kills what a test started with `start_search_run` and whatever it left running, if anything."""
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Bad input: one line on stderr, a non-zero exit, no traceback, and nothing written."""
+"""Bad input: one line on stderr, exit code 2 (as the README says), no traceback, and nothing written."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import time
 import pytest
 from conftest import free_port, run_module
 
+from search.cli import EXIT_BAD_INPUT
+
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode != 0
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

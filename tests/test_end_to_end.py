@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import optuna_trials, small_sweep, sweep_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from ray.tune.search.optuna import OptunaSearch
 
 from search import export, retrain, run
 from spaces import get_space
@@ -43,16 +43,15 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def sweep(image_folder: Path, tmp_path_factory: pytest.TempPathFactory, ray_runtime) -> dict:
     workdir = tmp_path_factory.mktemp("sweep")
-    tracking_uri = f"sqlite:///{workdir}/mlflow.db"
-    code = run.main(
-        ["--space", "nesterov", "--data", str(image_folder), "--data-root", str(workdir / "cache")]
-        + ["--val-size", "9", "--num-samples", str(NUM_SAMPLES), "--epochs", str(EPOCHS)]
-        + ["--tracking-uri", tracking_uri, "--storage-path", str(workdir / "ray"), "--name", "e2e"]
-    )
-    client = MlflowClient(tracking_uri)
+    settings = small_sweep(image_folder, workdir, num_samples=NUM_SAMPLES, epochs=EPOCHS, name="e2e")
+    code = run.main(sweep_args(settings))
+    client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name("cifar10-nesterov")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    return {"code": code, "workdir": workdir, "uri": tracking_uri, "client": client, "runs": runs}
+    return {
+        "code": code, "workdir": workdir, "uri": settings.tracking_uri, "client": client, "runs": runs,
+        "settings": settings,
+    }  # fmt: skip
 
 
 def parent_and_children(sweep: dict):
@@ -71,9 +70,7 @@ def test_the_sweep_exits_zero_with_one_parent_and_a_child_per_trial(sweep):
 
 
 def test_the_first_trial_is_the_assignments_point(sweep):
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(str(sweep["workdir"] / "ray" / "e2e"))
-    first = searcher._ot_study.trials[0]  # Optuna's own first trial
+    first = optuna_trials(sweep["settings"])[0]  # Optuna's own first trial
     assert first.params == get_space("nesterov").first_point
     _, children = parent_and_children(sweep)
     configs = [TrialConfig.from_params(child.data.params) for child in children]

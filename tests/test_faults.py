@@ -8,16 +8,14 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import metric_steps, optuna_trials, small_sweep, trial_runs
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from search import run
 from search.sweep.engine import run_sweep
 from search.sweep.settings import SweepSettings
 from spaces import registry
 from spaces.registry import SearchSpace
-from trainables.config import DataSettings
 from trainables.names import METRIC
 from trainables.trainable import train_convnet
 
@@ -46,27 +44,9 @@ def exploding_space(monkeypatch):
 
 
 def sweep_settings(image_folder: Path, workdir: Path, space: str, **overrides) -> SweepSettings:
-    values = {
-        "space": space,
-        "data": DataSettings(source=str(image_folder), root=str(workdir / "cache"), val_size=9),
-        "epochs": EPOCHS,
-        "num_samples": 3,
-        "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
-        "storage_path": str(workdir / "ray"),
-        "name": "faults",
-    }
-    return SweepSettings(**{**values, **overrides})
-
-
-def children(settings: SweepSettings) -> list:
-    client = MlflowClient(settings.tracking_uri)
-    experiment = client.get_experiment_by_name(settings.experiment_name)
-    return client.search_runs([experiment.experiment_id], "tags.role = 'trial'")
-
-
-def epochs_logged(settings: SweepSettings, run) -> list[int]:
-    client = MlflowClient(settings.tracking_uri)
-    return [point.step for point in client.get_metric_history(run.info.run_id, METRIC)]
+    return small_sweep(
+        image_folder, workdir, **{"space": space, "epochs": EPOCHS, "num_samples": 3, **overrides}
+    )
 
 
 def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_value(
@@ -75,14 +55,12 @@ def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_v
     settings = sweep_settings(image_folder, tmp_path, "exploding")  # ASHA, max_t = 3 epochs
     outcome = run_sweep(settings)
     assert outcome.diverged == 3 and outcome.trial_statuses == {"FINISHED": 3}
-    for child in children(settings):
-        assert epochs_logged(settings, child) == [1]  # one report, not carried on to max_t
+    for child in trial_runs(settings):
+        assert metric_steps(settings, child) == [1]  # one report, not carried on to max_t
         assert child.data.tags["diverged"] == "true" and child.data.metrics["diverged"] == 1.0
         assert child.data.metrics[METRIC] == 0.0
 
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(settings.sweep_location)
-    study_trials = searcher._ot_study.trials  # the Optuna study as Tune saved it
+    study_trials = optuna_trials(settings)
     assert len(study_trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value == 0.0 for t in study_trials)
 
@@ -107,8 +85,8 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(image_folder, tmp_p
     outcome = run_sweep(settings, trainable=crash_once_after_the_first_epoch())
     assert outcome.trial_statuses == {"FINISHED": 2} and not outcome.failures
     assert run.exit_code(outcome) == 0
-    for child in children(settings):
-        assert epochs_logged(settings, child) == [1, 2, 3]  # epoch 1 was not trained again
+    for child in trial_runs(settings):
+        assert metric_steps(settings, child) == [1, 2, 3]  # epoch 1 was not trained again
         assert child.data.tags["retries"] == "1"
         assert "CUDA out of memory (simulated)" in child.data.tags["error"]
 
@@ -131,7 +109,7 @@ def test_a_trial_that_keeps_crashing_fails_after_its_retries_and_the_sweep_goes_
     settings = sweep_settings(image_folder, tmp_path, "nesterov", max_failures=1, scheduler="fifo")
     outcome = run_sweep(settings, trainable=crash_the_assignments_point())
     assert outcome.trial_statuses == {"FAILED": 1, "FINISHED": 2}
-    failed = next(child for child in children(settings) if child.info.status == "FAILED")
+    failed = next(child for child in trial_runs(settings) if child.info.status == "FAILED")
     assert "ValueError: boom: a bug in the trial" in failed.data.tags["error"]
     assert failed.data.params["lr"] == "0.01"
     (failed_name, error_line), *_ = outcome.failures.items()

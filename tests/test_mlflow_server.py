@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import MlflowServer, start_search_run
+from conftest import MlflowServer, small_sweep, start_search_run, sweep_args
 from mlflow.tracking import MlflowClient
 
 from trainables.names import (
@@ -44,11 +44,11 @@ def remote_sweep(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(workdir / "server")
     server.folder.mkdir()
     server.start()
-    args = ["--space", "nesterov", "--data", str(image_folder), "--data-root", str(workdir / "cache")]
-    args += ["--val-size", "9", "--num-samples", str(NUM_SAMPLES), "--epochs", str(EPOCHS)]
-    args += ["--scheduler", "fifo", "--tracking-uri", server.uri, "--experiment", EXPERIMENT]
-    args += ["--storage-path", str(workdir / "ray"), "--name", "remote"]
-    sweep = start_search_run(args, cwd=workdir)
+    settings = small_sweep(
+        image_folder, workdir, num_samples=NUM_SAMPLES, epochs=EPOCHS, scheduler="fifo", name="remote",
+        tracking_uri=server.uri, experiment=EXPERIMENT,
+    )  # fmt: skip
+    sweep = start_search_run(sweep_args(settings), cwd=workdir)
     _, stderr = sweep.communicate(timeout=300)
     try:
         assert sweep.returncode == 0, stderr

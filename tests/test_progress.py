@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_module
+from conftest import REPO, run_module, small_sweep, sweep_args
 
 from search.sweep.progress import SweepStatus
 
@@ -34,16 +34,12 @@ def test_before_any_result_the_line_says_the_remaining_time_is_unknown():
     assert status.line() == "[3s] trials: 0 done, 0 running, 4 pending, 0 failed, 0 diverged | ETA ?"
 
 
-def sweep_args(image_folder: Path, workdir: Path, *extra: str) -> list[str]:
-    return [
-        "--space", "nesterov", "--data", str(image_folder),
-        "--data-root", str(workdir / "cache"), "--val-size", "9", "--num-samples", "2", "--epochs", "1",
-        "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--storage-path", str(workdir / "ray"), *extra,
-    ]  # fmt: skip
+def two_trials(image_folder: Path, workdir: Path) -> list[str]:
+    return sweep_args(small_sweep(image_folder, workdir))
 
 
 def sweep_to_a_pipe(image_folder: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_module("search.run", *sweep_args(image_folder, workdir, *extra), cwd=workdir, timeout=300)
+    return run_module("search.run", *two_trials(image_folder, workdir), *extra, cwd=workdir, timeout=300)
 
 
 @pytest.mark.slow
@@ -65,7 +61,7 @@ def test_on_a_terminal_it_rewrites_one_line_in_place(image_folder, tmp_path):
     controller, terminal = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "search.run", *sweep_args(image_folder, tmp_path)],
+        [sys.executable, "-m", "search.run", *two_trials(image_folder, tmp_path)],
         cwd=tmp_path,
         env=env,
         stdout=terminal,

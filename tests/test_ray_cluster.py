@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_search_run
+from conftest import free_port, small_sweep, start_search_run, sweep_args
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -68,20 +68,18 @@ def ray_head():
 def test_a_sweep_runs_its_trials_on_an_existing_ray_cluster(ray_head, image_folder, tmp_path, monkeypatch):
     for name, value in ray_head["auth"].items():
         monkeypatch.setenv(name, value)
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--space", "nesterov", "--data", str(image_folder), "--data-root", str(tmp_path / "cache")]
-    args += ["--val-size", "9", "--num-samples", str(NUM_SAMPLES), "--epochs", "1"]
     # Shared storage as a multi-node sweep names it: a URI that pyarrow's filesystems resolve.
-    args += [
-        "--tracking-uri",
-        tracking_uri,
-        "--storage-path",
-        f"file://{tmp_path}/ray",
-        "--name",
-        "on-cluster",
-    ]
-    args += ["--address", ray_head["address"], "--quiet"]
-    sweep = start_search_run(args, cwd=tmp_path)
+    settings = small_sweep(
+        image_folder,
+        tmp_path,
+        num_samples=NUM_SAMPLES,
+        storage_path=f"file://{tmp_path}/ray",
+        name="on-cluster",
+    )
+    tracking_uri = settings.tracking_uri
+    sweep = start_search_run(
+        [*sweep_args(settings), "--address", ray_head["address"], "--quiet"], cwd=tmp_path
+    )
     _, stderr = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, stderr
 

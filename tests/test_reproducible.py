@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import optuna_trials, small_sweep, trial_runs
 from mlflow.tracking import MlflowClient
-from ray.tune.search.optuna import OptunaSearch
 
 from search.sweep.engine import run_sweep
-from search.sweep.settings import SweepSettings
-from trainables.config import DataSettings
-from trainables.names import METRIC
+from trainables.names import METRIC, TRAIN_LOSS, VAL_LOSS
 
 pytestmark = pytest.mark.slow
 
@@ -17,31 +15,16 @@ pytestmark = pytest.mark.slow
 def sweep_record(image_folder, workdir, seed: int) -> tuple[list[dict], list[tuple]]:
     """The configs Optuna proposed, in order, and each trial's config with its first-epoch metrics."""
     workdir.mkdir()
-    settings = SweepSettings(
-        space="nesterov",
-        data=DataSettings(source=str(image_folder), root=str(workdir / "cache"), val_size=9),
-        epochs=2,
-        num_samples=6,  # past TPE's random warm-up, so the model-based proposals are compared too
-        seed=seed,
-        tracking_uri=f"sqlite:///{workdir}/mlflow.db",
-        storage_path=str(workdir / "ray"),
-        name="repro",
-        output="quiet",
-    )
-    outcome = run_sweep(settings)
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(settings.sweep_location)
-    proposals = [trial.params for trial in searcher._ot_study.trials]  # Optuna's own order
-
-    client = MlflowClient(outcome.tracking_uri)
-    children = client.search_runs(
-        [client.get_experiment_by_name(outcome.experiment).experiment_id], "tags.role = 'trial'"
-    )
+    # Six trials: past TPE's random warm-up, so the model-based proposals are compared too.
+    settings = small_sweep(image_folder, workdir, epochs=2, num_samples=6, seed=seed, name="repro")
+    run_sweep(settings)
+    proposals = [trial.params for trial in optuna_trials(settings)]  # Optuna's own order
+    client = MlflowClient(settings.tracking_uri)
     trials = []
-    for child in children:
+    for child in trial_runs(settings):
         first_epoch = {
             name: client.get_metric_history(child.info.run_id, name)[0].value
-            for name in (METRIC, "val_loss", "train_loss")
+            for name in (METRIC, VAL_LOSS, TRAIN_LOSS)
         }
         trials.append((sorted(child.data.params.items()), first_epoch))
     # Parallel trials start and end in any order: compare them as a set, by config.

@@ -17,10 +17,9 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from search.sweep.progress import SweepProgress
-from search.sweep.searcher import InOrderSearcher
+from search.sweep.searcher import make_searcher
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
 from search.tracking.callback import SweepTracker
 from search.tracking.store import (
@@ -69,14 +68,20 @@ Trainable = Callable[[dict[str, Any], ImageSplits, TrialSettings], None]
 def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> SweepOutcome:
     space = get_space(settings.space)
     tracking_uri = settings.tracking_uri or default_tracking_uri()
-    if settings.resume and not tune.Tuner.can_restore(settings.sweep_location):
+    exists = tune.Tuner.can_restore(settings.sweep_location)
+    if settings.resume and not exists:
         raise InputError(f"no sweep named {settings.sweep_name} in {settings.storage}")
+    if exists and not settings.resume:  # a second sweep under one name would mix their runs
+        raise InputError(
+            f"a sweep named {settings.sweep_name} is already in {settings.storage}: "
+            "add --resume to continue it, or give another --name"
+        )
 
     _quiet_libraries(settings.output)
     check_reachable(tracking_uri)
     check_ray_address(settings.address)
     splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
-    started_ray = _start_ray(settings.address, settings.output)
+    started_ray = start_ray(settings.address, settings.output)
     try:
         return _sweep(settings, space, tracking_uri, splits, trainable)
     finally:
@@ -135,7 +140,7 @@ def _sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=_searcher(space, settings, trials_at_once),
+                search_alg=make_searcher(space, settings, trials_at_once),
                 scheduler=_scheduler(settings),
                 num_samples=settings.num_samples,
                 # Also lets Tune start that many trials at once: with a searcher it would
@@ -162,25 +167,6 @@ def _sweep(
     return _outcome(client, settings, tracking_uri, sweep_run.run_id)
 
 
-def _searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) -> InOrderSearcher:
-    sampler = optuna.samplers.TPESampler(
-        seed=settings.seed,
-        # Random warm-up in proportion to the budget: Optuna's fixed 10 would leave an
-        # 8-trial sweep entirely random.
-        n_startup_trials=min(10, max(2, settings.num_samples // 3)),
-        multivariate=True,  # widths and weight decay interact: model them jointly
-        constant_liar=True,  # parallel trials: do not propose the same point twice
-    )
-    optuna_search = OptunaSearch(
-        space=space.define, metric=METRIC, mode=MODE, points_to_evaluate=[space.first_point], sampler=sampler
-    )
-    # The same seed gives the same configs, however the parallel trials' timing falls. One more
-    # than the trials at once, so the next proposal is ready when any trial frees its slot: with
-    # exactly that many, a trial ending before an earlier one left its slot idle (and its actor
-    # released) until the earlier one ended, measured at +0.08 on the benchmark's overhead.
-    return InOrderSearcher(optuna_search, window=trials_at_once + 1, num_samples=settings.num_samples)
-
-
 def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
     """How many trials the cluster runs side by side, as the resources and --max-concurrent allow."""
     resources = ray.cluster_resources()
@@ -199,11 +185,14 @@ def _scheduler(settings: SweepSettings) -> TrialScheduler:
     return ASHAScheduler(time_attr="epoch", max_t=settings.epochs, grace_period=1, reduction_factor=3)
 
 
-def _start_ray(address: str | None, output: str) -> bool:
+def start_ray(address: str | None, output: str) -> bool:
     """Connects to Ray unless this process already is; says whether it did."""
     if ray.is_initialized():
         return False
     level = logging.ERROR if output == "quiet" else logging.WARNING
+    # A local Ray turns token authentication on by default, and says so on every start, as the
+    # first line a user would see: keep that line for a log file, not the console.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=level)
     except ConnectionError as error:

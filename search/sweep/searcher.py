@@ -1,4 +1,10 @@
-"""A searcher wrapper that makes parallel sweeps reproducible from their seed.
+"""How a sweep proposes its trials: Optuna's sampler behind Tune, in an order fixed by the seed.
+
+`make_searcher` builds the sweep's searcher. The study lives in an Optuna
+storage beside the sweep's folder (where that folder is local), so
+`optuna.load_study` and optuna-dashboard read it like any Optuna study.
+
+`InOrderSearcher` makes parallel sweeps reproducible from their seed.
 
 With trials running in parallel, a model-based sampler such as TPE proposes each
 trial from whichever trials happen to have finished: timing decides the configs.
@@ -16,9 +22,46 @@ free slot, unless two trials finish out of order in a row.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from search.sweep.settings import SweepSettings
+from spaces import SearchSpace
+from trainables.names import METRIC, MODE
+
+
+def make_searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) -> InOrderSearcher:
+    sampler = optuna.samplers.TPESampler(
+        seed=settings.seed,
+        # Random warm-up in proportion to the budget: Optuna's fixed 10 would leave an
+        # 8-trial sweep entirely random.
+        n_startup_trials=min(10, max(2, settings.num_samples // 3)),
+        multivariate=True,  # widths and weight decay interact: model them jointly
+        constant_liar=True,  # parallel trials: do not propose the same point twice
+    )
+    storage = settings.optuna_journal
+    if storage is not None:
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    optuna_search = OptunaSearch(
+        space=space.define,
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=[space.first_point],
+        sampler=sampler,
+        study_name=settings.sweep_name,
+        storage=JournalStorage(JournalFileBackend(storage)) if storage is not None else None,
+    )
+    # The same seed gives the same configs, however the parallel trials' timing falls. One more
+    # than the trials at once, so the next proposal is ready when any trial frees its slot: with
+    # exactly that many, a trial ending before an earlier one left its slot idle (and its actor
+    # released) until the earlier one ended, measured at +0.08 on the benchmark's overhead.
+    return InOrderSearcher(optuna_search, window=trials_at_once + 1, num_samples=settings.num_samples)
 
 
 class InOrderSearcher(Searcher):

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from search.sweep.storage import StoredFile, check_storage, join, resolve_storage
+from search.sweep.storage import StoredFile, check_storage, is_uri, join, resolve_storage
 from spaces import get_space
 from trainables.config import PRECISIONS, DataSettings
 from trainables.errors import InputError
@@ -92,6 +92,12 @@ class SweepSettings:
         a sweep and back up as it runs, which would bring back a journal already written.
         """
         return StoredFile(join(self.storage, f"{self.sweep_name}.mlflow-pending.json"))
+
+    @property
+    def optuna_journal(self) -> str | None:
+        """The sweep's Optuna study, as a file beside its folder; None (in memory) on remote storage,
+        since Optuna's journal needs a local file's locks."""
+        return None if is_uri(self.storage) else join(self.storage, f"{self.sweep_name}.optuna.log")
 
     @property
     def sweep_name(self) -> str:

@@ -188,13 +188,14 @@ def param_importance(study: optuna.Study, distributions: dict[str, BaseDistribut
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """The throwaway studies' INFO lines, and the plots' experimental warnings, would land in the
-    middle of the sweep's output."""
+    """The throwaway studies' INFO lines, and the plots' warnings, would land in the middle of the
+    sweep's output."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)  # matplotlib's, on a plot of one or two trials
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
