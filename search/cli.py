@@ -15,8 +15,10 @@ from trainables.errors import InputError, first_line
 EXIT_OK = 0
 EXIT_SOME_TRIALS_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_TRACKING_FAILED = 3
-EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
+EXIT_TRACKING_FAILED = 3  # after the training ran: its results are kept, the writes wait for --resume
+EXIT_STORAGE_FAILED = 4  # Tune's storage failed (a full disk, say)
+EXIT_SIGNALLED = 128  # plus the signal's number: 143 for SIGTERM, 129 for SIGHUP, as shells report them
+EXIT_INTERRUPTED = EXIT_SIGNALLED + 2  # 130: Ctrl-C
 
 
 class OneLineParser(argparse.ArgumentParser):

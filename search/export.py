@@ -10,7 +10,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from search.cli import EXIT_OK, OneLineParser, run_command
-from search.tracking.best import BestTrial, best_trial, write_best
+from search.tracking.best import best_trial, write_best
 from search.tracking.store import (
     check_store_exists,
     child_runs,
@@ -23,8 +23,8 @@ from trainables.errors import InputError
 PROG = "search.export"
 
 
-def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[BestTrial, list[Run]]:
-    """The best trial of the sweep (default: the experiment's latest), and all its trials' runs."""
+def find_sweep(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[MlflowClient, Run, list[Run]]:
+    """The sweep's parent run (default: the experiment's latest sweep) and its trials' runs."""
     client = MlflowClient(check_store_exists(tracking_uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -33,8 +33,7 @@ def export_best(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[
     parent = find_sweep_run(client, found.experiment_id, sweep)
     if parent is None:
         raise InputError(f"no sweep {sweep or ''} in experiment {experiment!r}".replace("  ", " "))
-    children = child_runs(client, parent)
-    return best_trial(client, parent, children), children
+    return client, parent, child_runs(client, parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,15 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=Path, help="also write every trial as a Parquet table here")
     args = parser.parse_args(argv)
 
-    best, children = export_best(args.tracking_uri or default_tracking_uri(), args.experiment, args.sweep)
-    write_best(best, args.out)
-    print(
-        f"Best of sweep {best.sweep}: {best.val_acc:.4f} validation accuracy "
-        f"(run {best.run_id}) -> {args.out}"
+    client, parent, children = find_sweep(
+        args.tracking_uri or default_tracking_uri(), args.experiment, args.sweep
     )
-    if args.trials is not None:
+    if args.trials is not None:  # every trial, whether or not one of them is a best to export
         pq.write_table(trial_table(children), args.trials)
         print(f"{len(children)} trials -> {args.trials}")
+    best = best_trial(client, parent, children)
+    write_best(best, args.out)
+    print(f"Best of sweep {best.sweep}: {best.val_acc:.4f} validation accuracy, run {best.run_id}")
+    print(f"  written to {args.out}")
+    if parent.info.status == "RUNNING":
+        print("Provisional: the sweep is still running, and a better trial may come.")
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from search.cli import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_SIGNALLED,
     EXIT_SOME_TRIALS_FAILED,
+    EXIT_STORAGE_FAILED,
     EXIT_TRACKING_FAILED,
     OneLineParser,
     add_data_options,
@@ -25,6 +28,7 @@ from search.cli import (
 from search.sweep.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
 from trainables.config import PRECISIONS
+from trainables.errors import first_line
 
 if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
     from search.sweep.engine import SweepOutcome
@@ -103,7 +107,7 @@ def print_summary(outcome: SweepOutcome) -> None:
     for run_name, error in outcome.failures.items():
         print(f"  failed: {run_name}: {error}")
     if outcome.best_accuracy is None:
-        print("No trial finished an epoch.")
+        print(f"No best config: {outcome.no_best_reason}.")
     else:
         print(f"Best {outcome.best_accuracy:.4f} validation accuracy, MLflow run {outcome.best_run_id}")
         print("Best config: " + ", ".join(f"{k}={v}" for k, v in sorted(outcome.best_config.items())))
@@ -111,11 +115,11 @@ def print_summary(outcome: SweepOutcome) -> None:
         f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, "
         f"store {outcome.tracking_uri}"
     )
-    print(f"  browse:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    print(
-        f"  export:  python -m search.export --experiment {outcome.experiment} "
-        f"--tracking-uri {outcome.tracking_uri} --sweep {outcome.sweep} --out best.json"
-    )
+    browse = ["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri]
+    export = ["python", "-m", "search.export", "--experiment", outcome.experiment]
+    export += ["--tracking-uri", outcome.tracking_uri, "--sweep", outcome.sweep, "--out", "best.json"]
+    print(f"  browse:  {shlex.join(browse)}")  # quoted: a path with a space pastes whole
+    print(f"  export:  {shlex.join(export)}")
 
 
 def resume_command(argv: list[str], sweep: str) -> str:
@@ -137,36 +141,53 @@ def main(argv: list[str] | None = None) -> int:
     # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
     # an unreachable server or cluster, have been refused by then.
     from search.sweep.engine import run_sweep
-    from search.tracking.store import TRACKING_ERRORS
+    from search.sweep.signals import SweepStopped
+    from search.tracking.store import TrackingFailed
 
     try:
-        outcome = run_sweep(settings)
+        outcome = run_sweep(
+            settings, on_abandon=lambda signum: print_interrupted(argv, settings.sweep_name, signum)
+        )
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once
         print_interrupted(argv, settings.sweep_name)
         return EXIT_INTERRUPTED
-    except TRACKING_ERRORS as error:  # training is done and kept; MLflow is what failed
+    except SweepStopped as stopped:  # SIGTERM or SIGHUP before Tune ran, or a second one
+        print_interrupted(argv, settings.sweep_name, stopped.signum)
+        return EXIT_SIGNALLED + stopped.signum
+    except TrackingFailed as error:  # training is done and kept; MLflow is what failed
         kept = f"the results are kept in {settings.sweep_location}"
         print(
-            f"{PROG}: error: MLflow failed at the end ({type(error).__name__}); {kept}. "
+            f"{PROG}: error: MLflow failed at the end ({first_line(error)}); {kept}. "
             f"Once MLflow is back, write them with:\n  {resume_command(argv, settings.sweep_name)}",
             file=sys.stderr,
         )
         return EXIT_TRACKING_FAILED
     print_summary(outcome)
-    if outcome.interrupted:
-        print_interrupted(argv, outcome.sweep)
+    if outcome.storage_error is not None:
+        print(
+            f"{PROG}: error: Tune's storage {settings.storage} failed ({outcome.storage_error}); "
+            "free space there, then resume with:\n  " + resume_command(argv, outcome.sweep),
+            file=sys.stderr,
+        )
+    elif outcome.interrupted:
+        print_interrupted(argv, outcome.sweep, outcome.stop_signal)
     return exit_code(outcome)
 
 
-def print_interrupted(argv: list[str], sweep: str) -> None:
+def print_interrupted(argv: list[str], sweep: str, signum: int | None = None) -> None:
     """The resume command goes last, on its own line, so it is easy to copy."""
-    print(f"\nInterrupted. Resume with:\n  {resume_command(argv, sweep)}", file=sys.stderr)
+    why = "Interrupted" if signum is None else f"Stopped by {signal.Signals(signum).name}"
+    sys.stdout.flush()  # the summary first, even when stdout is a pipe
+    print(f"\n{why}. Resume with:\n  {resume_command(argv, sweep)}", file=sys.stderr)
 
 
 def exit_code(outcome: SweepOutcome) -> int:
-    """0 when every trial finished (diverged ones too), 1 when some failed, 130 when interrupted."""
+    """0 when every trial finished (diverged ones too), 1 when some failed, 4 when Tune's storage
+    failed, 130 when interrupted by Ctrl-C, 128 + the signal's number when stopped by one."""
+    if outcome.storage_error is not None:
+        return EXIT_STORAGE_FAILED
     if outcome.interrupted:
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if outcome.stop_signal is None else EXIT_SIGNALLED + outcome.stop_signal
     return EXIT_SOME_TRIALS_FAILED if outcome.failures else EXIT_OK
 
 

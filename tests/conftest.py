@@ -134,12 +134,14 @@ def optuna_trials(settings: Any) -> list:
     return optuna.load_study(study_name=settings.sweep_name, storage=storage).trials
 
 
-def run_module(module: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` to its end, output captured, with no tracking URI from the caller's shell."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""},
+        env={**(os.environ if env is None else env), "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -174,10 +176,14 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` on loopback over a store in a folder: it can be killed and started again."""
+    """`mlflow server` on loopback over a store in a folder: it can be killed and started again.
 
-    def __init__(self, folder: Path) -> None:
+    With a login (user, password), it is MLflow's basic-auth app, with that admin user.
+    """
+
+    def __init__(self, folder: Path, login: tuple[str, str] | None = None) -> None:
         self.folder = folder
+        self.login = login
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -189,7 +195,14 @@ class MlflowServer:
         log = open(self.folder / "server.log", "a")  # noqa: SIM115 (lives as long as the server)
         # MLflow 3 also starts a job runner for its GenAI features, which none of this needs.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
+        if self.login is not None:
+            command += ["--app-name", "basic-auth"]  # its user store, basic_auth.db, goes in cwd
+            env.update(
+                {"MLFLOW_AUTH_ADMIN_PASSWORD": self.login[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
+            )
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=log, env=env, cwd=self.folder, start_new_session=True
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):

@@ -28,6 +28,7 @@ from trainables.names import (
     IMPORTANCE_PNG,
     METRIC,
     REPORTED_METRICS,
+    SOURCE_RUN_STATE_TAG,
     SPEC_FILE,
     SUMMARY_MD,
     TRIAL_TABLE_ARTIFACT,
@@ -182,3 +183,25 @@ def test_export_then_retrain(sweep, tmp_path):
 
     loaded = mlflow.pytorch.load_model(metrics["model_uri"])
     assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_a_retrain_whose_source_run_was_deleted_says_so_and_records_it(sweep, tmp_path, capsys):
+    best_path = tmp_path / "best.json"
+    assert (
+        export.main(
+            ["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(best_path)]
+        )
+        == 0
+    )
+    best = json.loads(best_path.read_text())
+    client = sweep["client"]
+    client.delete_run(best["mlflow"]["run_id"])
+    try:
+        capsys.readouterr()
+        assert retrain.main([str(best_path), "--epochs", "1", "--out", str(tmp_path / "m.json")]) == 0
+        (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+        assert best["mlflow"]["run_id"] in note and "is deleted" in note
+        retrained = client.get_run(json.loads((tmp_path / "m.json").read_text())["run_id"])
+        assert retrained.data.tags[SOURCE_RUN_STATE_TAG] == "deleted"
+    finally:
+        client.restore_run(best["mlflow"]["run_id"])

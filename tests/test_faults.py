@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import optuna
+import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import metric_steps, optuna_trials, small_sweep, trial_runs
+from conftest import (
+    REPO,
+    metric_steps,
+    optuna_trials,
+    run_module,
+    small_sweep,
+    sweep_args,
+    sweep_parent,
+    trial_runs,
+)
 from ray import tune
 
 from search import run
@@ -55,7 +69,10 @@ def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_v
     settings = sweep_settings(image_folder, tmp_path, "exploding")  # ASHA, max_t = 3 epochs
     outcome = run_sweep(settings)
     assert outcome.diverged == 3 and outcome.trial_statuses == {"FINISHED": 3}
-    for child in trial_runs(settings):
+    assert outcome.best_accuracy is None and "all 3 diverged" in outcome.no_best_reason
+    children = trial_runs(settings)
+    assert len(children) == 3
+    for child in children:
         assert metric_steps(settings, child) == [1]  # one report, not carried on to max_t
         assert child.data.tags["diverged"] == "true" and child.data.metrics["diverged"] == 1.0
         assert child.data.metrics[METRIC] == 0.0
@@ -63,6 +80,14 @@ def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_v
     study_trials = optuna_trials(settings)
     assert len(study_trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value == 0.0 for t in study_trials)
+
+    # Export still writes every trial, and says why there is no best config to export.
+    trials = tmp_path / "trials.parquet"
+    export_args = ["--experiment", settings.experiment_name, "--tracking-uri", settings.tracking_uri]
+    export_args += ["--out", str(tmp_path / "best.json"), "--trials", str(trials)]
+    exported = run_module("search.export", *export_args, cwd=tmp_path)
+    assert exported.returncode == 2 and "all 3 diverged" in exported.stderr
+    assert pq.read_table(trials).num_rows == 3 and not (tmp_path / "best.json").exists()
 
 
 def crash_once_after_the_first_epoch():
@@ -85,7 +110,9 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(image_folder, tmp_p
     outcome = run_sweep(settings, trainable=crash_once_after_the_first_epoch())
     assert outcome.trial_statuses == {"FINISHED": 2} and not outcome.failures
     assert run.exit_code(outcome) == 0
-    for child in trial_runs(settings):
+    children = trial_runs(settings)
+    assert len(children) == 2
+    for child in children:
         assert metric_steps(settings, child) == [1, 2, 3]  # epoch 1 was not trained again
         assert child.data.tags["retries"] == "1"
         assert "CUDA out of memory (simulated)" in child.data.tags["error"]
@@ -119,3 +146,28 @@ def test_a_trial_that_keeps_crashing_fails_after_its_retries_and_the_sweep_goes_
     printed = capsys.readouterr().out
     assert "1 failed, 2 finished" in printed and f"failed: {failed_name}: " in printed
     assert run.exit_code(outcome) == 1
+
+
+def test_a_full_disk_under_the_storage_path_ends_with_the_summary_and_exit_4(image_folder, tmp_path):
+    """A real 256 kB tmpfs under --storage-path, which no checkpoint fits, in a mount namespace of the
+    test's own."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine cannot give a test a mount namespace of its own (unshare --mount)")
+    full = tmp_path / "full"
+    full.mkdir()
+    settings = small_sweep(image_folder, tmp_path, space="sgd", epochs=3, storage_path=str(full / "ray"))
+    run = shlex.join([sys.executable, "-m", "search.run", *sweep_args(settings)])
+    script = f"mount -t tmpfs -o size=256k tmpfs {full} && exec {run} > out.log 2> err.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    code = subprocess.run(command, cwd=tmp_path, env=env, timeout=600).returncode
+
+    stderr, stdout = (tmp_path / "err.log").read_text(), (tmp_path / "out.log").read_text()
+    assert code == 4, stderr[-3000:]
+    assert "Traceback" not in stderr
+    error = f"search.run: error: Tune's storage {full / 'ray'} failed ("
+    assert any(line.startswith(error) and "No space left on device" in line for line in stderr.splitlines())
+    assert stderr.strip().splitlines()[-1].strip().endswith(" --resume")
+    assert "\nSweep test: " in stdout and "No space left on device" in stdout  # the summary, naming why
+    assert sweep_parent(settings).info.status == "KILLED"
+    assert "RUNNING" not in {child.info.status for child in trial_runs(settings)}

@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     REPO,
     metric_steps,
+    run_module,
     small_sweep,
     start_search_run,
     stop_process_group,
@@ -140,6 +141,11 @@ def test_kill_9_then_resume_finishes_without_duplicates_or_restarts(slow_images,
     parent = sweep_parent(settings)
     epochs_before = [len(metric_steps(settings, child)) for child in trial_runs(settings)]
     assert any(0 < done < EPOCHS for done in epochs_before)  # the kill came with a trial under way
+    workdir = Path(settings.storage_path).parent
+    export_args = ["--experiment", settings.experiment_name, "--tracking-uri", settings.tracking_uri]
+    exported = run_module("search.export", *export_args, "--out", str(workdir / "best.json"), cwd=workdir)
+    assert exported.returncode == 0, exported.stderr
+    assert "Provisional: the sweep is still running" in exported.stdout  # its parent is RUNNING
 
     resume_to_the_end(settings)
     assert_complete_sweep(settings, parent.info.run_id)
@@ -170,4 +176,65 @@ def test_a_second_ctrl_c_exits_at_once_and_a_resume_still_works(slow_images, tmp
     parent = sweep_parent(settings)
 
     resume_to_the_end(settings)
+    assert_complete_sweep(settings, parent.info.run_id)
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_the_group"),
+    [
+        (signal.SIGTERM, False),  # `kill PID`, `docker stop`: the driver alone
+        (signal.SIGTERM, True),  # a batch scheduler: the driver and the Ray processes it started
+        (signal.SIGHUP, True),  # the terminal closed
+    ],
+    ids=["sigterm-driver", "sigterm-group", "sighup-group"],
+)
+def test_a_stop_signal_is_handled_like_ctrl_c_and_a_resume_completes(
+    slow_images, tmp_path, signum, to_the_group
+):
+    settings = survivor(slow_images, tmp_path)
+    process = start_sweep(settings)
+    try:
+        wait_for_epochs(settings, 2)
+        if to_the_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        signalled_at = time.monotonic()
+        _, stderr = process.communicate(timeout=90)
+        assert time.monotonic() - signalled_at < 60
+    finally:
+        stop_process_group(process)
+    assert process.returncode == 128 + signum, stderr[-2000:]  # 143 for SIGTERM, 129 for SIGHUP
+    lines = stderr.strip().splitlines()
+    assert lines[-2] == f"Stopped by {signal.Signals(signum).name}. Resume with:"
+    assert "--name survivor" in lines[-1] and lines[-1].endswith(" --resume")
+    assert "Traceback" not in stderr
+    parent = sweep_parent(settings)
+    assert parent.info.status == "KILLED"
+    statuses = {child.info.status for child in trial_runs(settings)}
+    assert "RUNNING" not in statuses and "KILLED" in statuses
+
+    resume_to_the_end(settings)
+    assert_complete_sweep(settings, parent.info.run_id)
+
+
+def test_a_resume_that_would_change_the_sweep_is_refused_in_one_line(slow_images, tmp_path):
+    settings = survivor(slow_images, tmp_path)
+    process = start_sweep(settings)
+    try:
+        wait_for_epochs(settings, 1)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    finally:
+        stop_process_group(process)
+    parent = sweep_parent(settings)
+    workdir = Path(settings.storage_path).parent
+    for changed in (["--space", "sgd"], ["--seed", "3"], ["--epochs", "2"], ["--val-size", "60"]):
+        args = [*sweep_args(settings), "--max-concurrent", "2", *changed, "--resume"]
+        result = run_module("search.run", *args, cwd=workdir)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert f"--resume cannot change what sweep survivor is: its {changed[0]} was" in result.stderr
+    assert sweep_parent(settings).info.status == "KILLED"  # untouched by the refused resumes
+    resume_to_the_end(settings)  # what only changes how it runs (--max-concurrent) is allowed
     assert_complete_sweep(settings, parent.info.run_id)

@@ -1,17 +1,32 @@
-"""A real MLflow server that dies mid-sweep: training goes on, and every result lands once it is back."""
+"""A real MLflow server that dies mid-sweep: training goes on, nothing Tune reported is lost, even
+when the sweep is killed during the outage, and every result lands once the server is back."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
-from conftest import MlflowServer, start_search_run, write_image_folder
+from conftest import (
+    MlflowServer,
+    metric_steps,
+    run_module,
+    small_sweep,
+    start_search_run,
+    stop_process_group,
+    sweep_args,
+    sweep_parent,
+    trial_runs,
+    write_image_folder,
+)
 from mlflow.tracking import MlflowClient
 
-from trainables.names import METRIC
+from search.sweep.settings import SweepSettings
+from trainables.config import DataSettings
+from trainables.names import BEST_METRIC, CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, METRIC, SPEC_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -28,78 +43,161 @@ def server(tmp_path):
     server.kill()
 
 
-def trial_histories(uri: str, experiment_name: str = "cifar10-nesterov") -> dict[str, list[int]]:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return {}
-    children = client.search_runs([experiment.experiment_id], "tags.role = 'trial'")
-    return {
-        child.info.run_id: [point.step for point in client.get_metric_history(child.info.run_id, METRIC)]
-        for child in children
-    }
+def outage_sweep(tmp_path: Path, server: MlflowServer, name: str, epochs: int = EPOCHS) -> SweepSettings:
+    images = write_image_folder(tmp_path / "images", per_class=200)
+    data = DataSettings(source=str(images), root=str(tmp_path / "cache"), val_size=30)
+    return small_sweep(
+        images, tmp_path, data=data, epochs=epochs, scheduler="fifo", tracking_uri=server.uri, name=name
+    )
+
+
+def wait_for_a_logged_epoch(settings: SweepSettings, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(metric_steps(settings, run) for run in _runs_or_none(settings)):
+        assert time.monotonic() < deadline, "no epoch reached MLflow"
+        time.sleep(0.2)
+
+
+def _runs_or_none(settings: SweepSettings) -> list:
+    try:
+        return trial_runs(settings)
+    except Exception:  # the experiment is not there yet
+        return []
+
+
+def run_to_the_end(settings: SweepSettings, *extra: str) -> str:
+    process = start_search_run([*sweep_args(settings), *extra], cwd=Path(settings.storage_path).parent)
+    try:
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        stop_process_group(process)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def tunes_best(settings: SweepSettings) -> float:
+    """The best validation accuracy in Tune's own records (result.json), the source of truth."""
+    results = [
+        json.loads(line)
+        for path in Path(settings.sweep_location).glob("*/result.json")
+        for line in path.read_text().splitlines()
+    ]
+    return max(result[METRIC] for result in results)
+
+
+def assert_every_epoch_once_and_the_true_best(settings: SweepSettings) -> None:
+    children = trial_runs(settings)
+    assert len(children) == settings.num_samples
+    client = MlflowClient(settings.tracking_uri)
+    for child in children:
+        assert metric_steps(settings, child) == list(range(1, settings.epochs + 1))
+        assert child.info.status == "FINISHED"
+        files = {artifact.path for artifact in client.list_artifacts(child.info.run_id, CHECKPOINT_ARTIFACT)}
+        assert files == {f"{CHECKPOINT_ARTIFACT}/{CHECKPOINT_FILE}", f"{CHECKPOINT_ARTIFACT}/{SPEC_FILE}"}
+    parent = sweep_parent(settings)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics[BEST_METRIC] == pytest.approx(tunes_best(settings))
 
 
 def test_a_tracking_server_that_dies_mid_sweep_loses_nothing(server, tmp_path):
-    images = write_image_folder(tmp_path / "images", per_class=200)
-    args = ["--space", "nesterov", "--data", str(images), "--data-root", str(tmp_path / "cache")]
-    args += ["--val-size", "30", "--num-samples", "2", "--epochs", str(EPOCHS), "--scheduler", "fifo"]
-    args += ["--tracking-uri", server.uri, "--storage-path", str(tmp_path / "ray"), "--name", "outage"]
-    sweep = start_search_run(args, cwd=tmp_path)
+    settings = outage_sweep(tmp_path, server, "outage")
+    sweep = start_search_run(sweep_args(settings), cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while not any(trial_histories(server.uri).values()):
-            assert time.monotonic() < deadline, "no epoch reached MLflow"
-            time.sleep(0.5)
+        wait_for_a_logged_epoch(settings)
         server.kill()
         time.sleep(10)  # trials keep training and reporting meanwhile
         assert sweep.poll() is None  # the sweep did not die with its tracking server
         server.start()
         _, stderr = sweep.communicate(timeout=600)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(sweep.pid, signal.SIGKILL)
+        stop_process_group(sweep)
     assert sweep.returncode == 0, stderr[-3000:]
     assert "writes wait in" in stderr and "is back" in stderr
-    histories = trial_histories(server.uri)
-    assert len(histories) == 2
-    assert all(steps == list(range(1, EPOCHS + 1)) for steps in histories.values()), histories
-    client = MlflowClient(server.uri)
-    for run_id in histories:
-        assert client.get_run(run_id).info.status == "FINISHED"
-        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+    assert_every_epoch_once_and_the_true_best(settings)
 
 
 def test_writes_still_waiting_at_the_end_are_made_by_resume(server, tmp_path):
-    images = write_image_folder(tmp_path / "images", per_class=100)
-    args = ["--space", "sgd", "--data", str(images), "--data-root", str(tmp_path / "cache")]
-    args += ["--val-size", "30", "--num-samples", "2", "--epochs", "3", "--scheduler", "fifo"]
-    args += ["--tracking-uri", server.uri, "--storage-path", str(tmp_path / "ray"), "--name", "late"]
-    sweep = start_search_run(args, cwd=tmp_path)
+    settings = outage_sweep(tmp_path, server, "late", epochs=3)
+    sweep = start_search_run(sweep_args(settings), cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while not any(trial_histories(server.uri, "cifar10-sgd").values()):
-            assert time.monotonic() < deadline, "no epoch reached MLflow"
-            time.sleep(0.2)
+        wait_for_a_logged_epoch(settings)
         server.kill()  # and it stays down until the sweep is over
         _, stderr = sweep.communicate(timeout=600)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(sweep.pid, signal.SIGKILL)
+        stop_process_group(sweep)
     assert sweep.returncode == 3, stderr[-3000:]
-    journal = tmp_path / "ray" / "late.mlflow-pending.json"
-    assert journal.exists()
-    resume = stderr.strip().splitlines()[-1].strip()
-    assert resume.endswith("--name late --resume")
+    assert settings.journal.exists()
+    assert stderr.strip().splitlines()[-1].strip().endswith("--name late --resume")
 
     server.start()
-    resumed = start_search_run([*args, "--resume"], cwd=tmp_path)
+    run_to_the_end(settings, "--resume")
+    assert not settings.journal.exists()
+    assert_every_epoch_once_and_the_true_best(settings)
+
+
+@pytest.mark.parametrize("journal", ["intact", "half-written"])
+def test_a_kill_9_during_an_outage_loses_nothing_that_tune_reported(server, tmp_path, journal):
+    settings = outage_sweep(tmp_path, server, "blackout", epochs=4)
+    sweep = start_search_run(sweep_args(settings), cwd=tmp_path)
     try:
-        _, stderr = resumed.communicate(timeout=600)
+        wait_for_a_logged_epoch(settings)
+        server.kill()
+        deadline = time.monotonic() + 240  # until a trial ends with the server down
+        while not any(line.count('"epoch": 4') for line in _tune_results(settings)):
+            assert time.monotonic() < deadline, "no trial finished during the outage"
+            time.sleep(0.5)
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=30)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(resumed.pid, signal.SIGKILL)
-    assert resumed.returncode == 0, stderr[-3000:]
-    assert not journal.exists()
-    histories = trial_histories(server.uri, "cifar10-sgd")
-    assert len(histories) == 2 and all(steps == [1, 2, 3] for steps in histories.values()), histories
+        stop_process_group(sweep)
+    assert settings.journal.exists()  # what MLflow did not take is on disk
+    if journal == "half-written":  # as a crash in the middle of an in-place rewrite would leave it
+        text = settings.journal.read_text()
+        Path(str(settings.journal)).write_text(text[: len(text) // 2])
+
+    server.start()
+    stderr = run_to_the_end(settings, "--resume")
+    if journal == "half-written":
+        assert "is unreadable" in stderr and list(
+            tmp_path.glob("ray/blackout.mlflow-pending.json.unreadable-*")
+        )
+    assert_every_epoch_once_and_the_true_best(settings)
+
+
+def _tune_results(settings: SweepSettings) -> list[str]:
+    return [path.read_text() for path in Path(settings.sweep_location).glob("*/result.json")]
+
+
+def test_a_server_that_needs_a_login_is_refused_in_one_line_and_works_with_one(tmp_path):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    server = MlflowServer(folder, login=("admin", "a-long-enough-password"))
+    server.start()
+    try:
+        settings = small_sweep(
+            write_image_folder(tmp_path / "images", per_class=10), tmp_path, tracking_uri=server.uri
+        )
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING_")}
+        started = time.monotonic()
+        refused = run_module("search.run", *sweep_args(settings), cwd=tmp_path, env=env)
+        assert time.monotonic() - started < 30
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines() == [
+            f"search.run: error: MLflow at {server.uri} refused the login (HTTP 401): "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        ]
+        assert not Path(settings.storage_path).exists()  # nothing ran, nothing to resume
+
+        login = {
+            **env,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": "a-long-enough-password",
+        }
+        accepted = run_module("search.run", *sweep_args(settings), cwd=tmp_path, env=login, timeout=300)
+        assert accepted.returncode == 0, accepted.stderr[-3000:]
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                patch.setenv(name, login[name])
+            assert len(trial_runs(settings)) == settings.num_samples
+    finally:
+        server.kill()

@@ -35,6 +35,7 @@ RESUMED_AT_TAG = "resumed_at_epoch"
 BEST_RUN_ID_TAG = "best_run_id"
 BEST_TRIAL_ID_TAG = "best_trial_id"
 SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained
+SOURCE_RUN_STATE_TAG = "source_run_state"  # on a retrain run whose trial was deleted: deleted, or missing
 
 # Artifacts, and the files of a checkpoint.
 CHECKPOINT_ARTIFACT = "checkpoint"  # folder of a trial's best checkpoint

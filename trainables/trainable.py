@@ -45,8 +45,9 @@ class TrialSettings:
 
 
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
-    # Ray logs every persisted checkpoint at INFO level: one line a trial an epoch, to the console.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    # Ray logs every persisted and every restored checkpoint at INFO level, to the console.
+    for logger in ("ray.train._internal.storage", "ray.tune.trainable.trainable"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _use_assigned_cpus()
     spec = ModelSpec(

@@ -6,8 +6,10 @@ shrunken `SweepSettings`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,14 +23,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from search.sweep.progress import SweepProgress
 from search.sweep.searcher import make_searcher
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
+from search.sweep.signals import StopSignals
+from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.store import (
+    TRACKING_ERRORS,
     ImageDataset,
-    WritesPending,
+    TrackingFailed,
     best_child_run,
     child_runs,
     default_tracking_uri,
     is_diverged,
+    open_store,
     start_sweep_run,
     status_counts,
 )
@@ -56,18 +62,51 @@ class SweepOutcome:
     best_accuracy: float | None
     best_config: dict[str, Any]
     trial_statuses: dict[str, int]
-    interrupted: bool  # stopped by Ctrl-C before every trial ended
+    interrupted: bool  # stopped by Ctrl-C or a stop signal before every trial ended
     failures: dict[str, str]  # run name -> the last line of its error
     diverged: int  # trials stopped because their loss stopped being finite
+    no_best_reason: str = ""  # when no trial has a best checkpoint: why, in words
+    stop_signal: int | None = None  # SIGTERM or SIGHUP, when one stopped the sweep
+    storage_error: str | None = None  # Tune's storage failed (a full disk, say): what it said
 
 
 # A function trainable with train_convnet's signature and contract (reports METRIC per epoch).
 Trainable = Callable[[dict[str, Any], ImageSplits, TrialSettings], None]
 
+# What a full or failing disk under --storage-path looks like, in a trial's error.
+STORAGE_FULL = ("No space left on device", "Disk quota exceeded")
 
-def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> SweepOutcome:
+
+def run_sweep(
+    settings: SweepSettings,
+    trainable: Trainable = train_convnet,
+    on_abandon: Callable[[int], None] | None = None,
+) -> SweepOutcome:
+    """Runs (or resumes) the sweep to its end and reads its outcome back from MLflow.
+
+    `on_abandon` runs when a stop signal took Ray down and the process must leave without a
+    clean end: search.run prints the resume command there.
+    """
     space = get_space(settings.space)
     tracking_uri = settings.tracking_uri or default_tracking_uri()
+    _check_resume(settings)
+    _quiet_libraries(settings.output)
+    check_reachable(tracking_uri)
+    check_ray_address(settings.address)
+    splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
+    started_ray = start_ray(settings.address, settings.output)
+    try:
+        with StopSignals() as stop:  # after Ray's start, which sets a SIGTERM handler of its own
+            if on_abandon is not None:
+                stop.on_abandon.append(on_abandon)
+            return _sweep(settings, space, tracking_uri, splits, trainable, stop)
+    finally:
+        if started_ray:  # also flushes the workers' last log lines before the summary is printed
+            ray.shutdown()
+
+
+def _check_resume(settings: SweepSettings) -> None:
+    """A resume continues a sweep that exists, as it was; a new sweep takes a name not yet used."""
     exists = tune.Tuner.can_restore(settings.sweep_location)
     if settings.resume and not exists:
         raise InputError(f"no sweep named {settings.sweep_name} in {settings.storage}")
@@ -76,35 +115,41 @@ def run_sweep(settings: SweepSettings, trainable: Trainable = train_convnet) -> 
             f"a sweep named {settings.sweep_name} is already in {settings.storage}: "
             "add --resume to continue it, or give another --name"
         )
-
-    _quiet_libraries(settings.output)
-    check_reachable(tracking_uri)
-    check_ray_address(settings.address)
-    splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
-    started_ray = start_ray(settings.address, settings.output)
-    try:
-        return _sweep(settings, space, tracking_uri, splits, trainable)
-    finally:
-        if started_ray:  # also flushes the workers' last log lines before the summary is printed
-            ray.shutdown()
+    if settings.resume and settings.identity_file.exists():
+        settings.check_resumes_the_same_sweep(json.loads(settings.identity_file.read_text()))
 
 
 def _sweep(
-    settings: SweepSettings, space: SearchSpace, tracking_uri: str, splits: ImageSplits, trainable: Trainable
+    settings: SweepSettings,
+    space: SearchSpace,
+    tracking_uri: str,
+    splits: ImageSplits,
+    trainable: Trainable,
+    stop: StopSignals,
 ) -> SweepOutcome:
     gpus_per_trial = settings.gpus_per_trial
     if gpus_per_trial is None:
         gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
-
-    client = MlflowClient(tracking_uri)
     datasets = (
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
     )
-    params = _sweep_params(settings, gpus_per_trial)
-    sweep_run = start_sweep_run(
-        client, settings.experiment_name, settings.sweep_name, space.name, params, datasets
-    )
+    try:
+        client = open_store(tracking_uri)
+        sweep_run = start_sweep_run(
+            client,
+            settings.experiment_name,
+            settings.sweep_name,
+            space.name,
+            _sweep_params(settings, gpus_per_trial),
+            datasets,
+        )
+    except TRACKING_ERRORS as error:  # nothing has run yet: a store that refuses us is bad input
+        raise InputError(
+            f"MLflow at {tracking_uri} failed before the sweep began: {first_line(error)}"
+        ) from None
+    if not settings.resume:
+        settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
 
     resourced = tune.with_resources(
         tune.with_parameters(
@@ -117,11 +162,17 @@ def _sweep(
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
-    callbacks: list[tune.Callback] = [
-        SweepTracker(
-            tracking_uri, sweep_run, space.name, settings.num_samples, settings.epochs, settings.journal
-        )
-    ]
+    tracker = SweepTracker(
+        tracking_uri,
+        sweep_run,
+        space.name,
+        settings.num_samples,
+        settings.epochs,
+        settings.journal,
+        rebuild=settings.resume,
+    )
+    stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
+    callbacks: list[tune.Callback] = [tracker]
     if settings.output == "progress":
         callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
     verbose = 2 if settings.output == "verbose" else 0
@@ -161,10 +212,38 @@ def _sweep(
                 verbose=verbose,
             ),
         )
-    tuner.fit()
+    storage_error = None
+    try:
+        tuner.fit()
+    except Exception as error:
+        storage_failed = _storage_failure(error)
+        if stop.received is None and storage_failed is None:
+            raise
+        # Tune's storage failed (it then fails reading back what it half wrote), or a stop signal
+        # took Ray down with the sweep: either way Tune never ended it, so the tracker does.
+        tracker.finish_after_a_crash()
+        storage_error = storage_failed
     if settings.journal.exists():
-        raise WritesPending(f"MLflow writes wait in {settings.journal}")
-    return _outcome(client, settings, tracking_uri, sweep_run.run_id)
+        raise TrackingFailed(f"MLflow writes wait in {settings.journal}")
+    try:
+        outcome = _outcome(client, settings, tracking_uri, sweep_run.run_id)
+    except TRACKING_ERRORS as error:
+        raise TrackingFailed(first_line(error)) from None
+    outcome.stop_signal = stop.received
+    # A trial's own ENOSPC says more than the EOFError Tune then meets reading back its files.
+    full = next((error for error in tracker.errors if any(words in error for words in STORAGE_FULL)), None)
+    outcome.storage_error = first_line(full.strip().splitlines()[-1]) if full else storage_error
+    return outcome
+
+
+def _storage_failure(error: BaseException) -> str | None:
+    """What went wrong, when an error from Tune is its storage failing: an OS error writing it, or a
+    truncated file read back from it. None for any other error."""
+    while error is not None:
+        if isinstance(error, OSError | EOFError | pickle.UnpicklingError):
+            return f"{type(error).__name__}: {first_line(error)}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
@@ -211,6 +290,10 @@ def _quiet_libraries(output: str) -> None:
     """
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if output == "verbose" else "0"
     if output != "verbose":
+        # Tune logs its failures with tracebacks, and its stops with how to restore in Python; the
+        # summary names each failed trial (its traceback is in its MLflow run), and the resume
+        # command comes last.
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -239,7 +322,7 @@ def _outcome(
         best_run_id=best.info.run_id if best else None,
         best_accuracy=best.data.metrics[BEST_METRIC] if best else None,
         best_config=dict(best.data.params) if best else {},
-        trial_statuses=status_counts(children),
+        trial_statuses=dict(status_counts(children)),
         interrupted=parent.info.status == "KILLED",
         failures={
             run.info.run_name: (run.data.tags.get(ERROR_TAG, "").strip().splitlines() or ["?"])[-1]
@@ -247,4 +330,5 @@ def _outcome(
             if run.info.status == "FAILED"
         },
         diverged=sum(map(is_diverged, children)),
+        no_best_reason=why_no_best(children) if best is None else "",
     )

@@ -6,17 +6,19 @@ second, before it loads torch, Ray and MLflow.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import requests
 
 from search.sweep.storage import StoredFile, check_storage, is_uri, join, resolve_storage
 from spaces import get_space
-from trainables.config import PRECISIONS, DataSettings
+from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
 
 SCHEDULERS = ("asha", "fifo")
@@ -94,6 +96,40 @@ class SweepSettings:
         return StoredFile(join(self.storage, f"{self.sweep_name}.mlflow-pending.json"))
 
     @property
+    def identity_file(self) -> StoredFile:
+        """What the sweep is (`identity`), recorded beside its folder when it starts."""
+        return StoredFile(join(self.storage, f"{self.sweep_name}.sweep.json"))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make the sweep what it is: a --resume may not change them.
+
+        Those that only change how it runs (output, resources, the tracking URI, where
+        the images are cached) are left out.
+        """
+        data = self.data
+        source = data.source if data.source == CIFAR10 else str(Path(data.source).resolve())
+        return {
+            "--space": self.space,
+            "--data": source,
+            "--val-size": data.val_size,
+            "--max-train-images": data.max_train_images,
+            "--seed": self.seed,
+            "--epochs": self.epochs,
+            "--num-samples": self.num_samples,
+            "--scheduler": self.scheduler,
+            "--experiment": self.experiment_name,
+        }
+
+    def check_resumes_the_same_sweep(self, recorded: dict[str, Any]) -> None:
+        changed = [(flag, value) for flag, value in recorded.items() if self.identity().get(flag) != value]
+        if changed:
+            flag, value = changed[0]
+            raise InputError(
+                f"--resume cannot change what sweep {self.sweep_name} is: its {flag} was {value!r}, "
+                f"now {self.identity().get(flag)!r} (start a new sweep with another --name instead)"
+            )
+
+    @property
     def optuna_journal(self) -> str | None:
         """The sweep's Optuna study, as a file beside its folder; None (in memory) on remote storage,
         since Optuna's journal needs a local file's locks."""
@@ -132,13 +168,28 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
                 f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
                 params={"max_results": 1},
                 timeout=timeout_s,
+                **_credentials(),
             )
         except requests.RequestException as error:
             raise InputError(
                 f"MLflow tracking server {uri} is unreachable ({type(error).__name__})"
             ) from None
+        if response.status_code in (401, 403):
+            raise InputError(
+                f"MLflow at {uri} refused the login (HTTP {response.status_code}): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            )
         if response.status_code >= 500:
             raise InputError(f"MLflow tracking server {uri} answered HTTP {response.status_code}")
+
+
+def _credentials() -> dict[str, Any]:
+    """The login MLflow's own client would send, from the same environment variables."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"auth": (user, password)}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
 
 
 def sqlite_file(uri: str) -> Path | None:

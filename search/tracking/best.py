@@ -10,7 +10,7 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from search.tracking.store import best_child_run, load_json_artifact
+from search.tracking.store import best_child_run, is_diverged, load_json_artifact, status_counts
 from trainables.checkpoint import ModelSpec
 from trainables.config import DataSettings, TrialConfig
 from trainables.errors import InputError
@@ -126,7 +126,7 @@ def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTr
     best = best_child_run(children)
     sweep_name = parent.data.tags[SWEEP_TAG]
     if best is None:
-        raise InputError(f"no trial of sweep {sweep_name} finished an epoch")
+        raise InputError(f"no trial of sweep {sweep_name} has a best checkpoint: {why_no_best(children)}")
     settings = load_json_artifact(client, parent.info.run_id, SWEEP_SETTINGS_ARTIFACT)
     spec = ModelSpec.from_dict(
         load_json_artifact(client, best.info.run_id, f"{CHECKPOINT_ARTIFACT}/{SPEC_FILE}")
@@ -148,6 +148,18 @@ def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTr
         parent_run_id=parent.info.run_id,
         checkpoint_uri=f"runs:/{best.info.run_id}/{CHECKPOINT_ARTIFACT}",
     )
+
+
+def why_no_best(children: list[Run]) -> str:
+    """In words, why no trial has a best checkpoint: none ran, all diverged, failed, or were stopped."""
+    if not children:
+        return "no trial has started"
+    diverged = sum(map(is_diverged, children))
+    if diverged == len(children):
+        return f"all {diverged} diverged (their loss stopped being finite): try lower learning rates"
+    counts = status_counts(children)
+    said = ", ".join(f"{count} {status.lower()}" for status, count in sorted(counts.items()))
+    return f"none finished an epoch ({said}{f', {diverged} diverged' if diverged else ''})"
 
 
 def write_best(best: BestTrial, path: Path) -> None:

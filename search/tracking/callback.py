@@ -9,6 +9,8 @@ writes themselves are `search.tracking.writer`'s operations; the queue in
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -16,8 +18,9 @@ from typing import Any
 
 from ray import tune
 
-from search.sweep.storage import StoredFile
+from search.sweep.storage import StoredFile, is_uri
 from search.tracking.journal import Journal, WriteQueue
+from search.tracking.store import TRACKING_ERRORS
 from search.tracking.writer import (
     EndTrial,
     FinishSweep,
@@ -82,6 +85,7 @@ class SweepTracker(tune.Callback):
         num_samples: int,
         max_epochs: int,
         journal: StoredFile,
+        rebuild: bool = False,
     ) -> None:
         self.settings = {
             "tracking_uri": tracking_uri,
@@ -90,11 +94,17 @@ class SweepTracker(tune.Callback):
             "num_samples": num_samples,
             "max_epochs": max_epochs,
             "journal": journal,
+            "rebuild": rebuild,
         }
         self.space = space
         self.num_samples = num_samples  # fewer trials at the end means the sweep was cut off
         self.max_epochs = max_epochs
+        # At the end, write again from Tune's own records whatever MLflow lacks: on a resume, and
+        # whenever the journal of an earlier run was unreadable.
+        self.rebuild = rebuild
         self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep), Journal(journal))
+        self.open_trials: dict[str, None] = {}  # started and not ended, in the order they started
+        self.errors: list[str] = []  # the errors of the trials that failed in this run
 
     def __getstate__(self) -> dict[str, Any]:
         return self.settings
@@ -108,18 +118,18 @@ class SweepTracker(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         self.queue.load()
+        self.rebuild = self.rebuild or self.queue.journal.set_aside
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.queue.flush()  # catch up once MLflow is back, even between results
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.open_trials[trial.trial_id] = None
         self.queue.submit(StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        metrics = {name: float(result[name]) for name in REPORTED_METRICS if name in result}
         step = int(result.get(EPOCH, result.get("training_iteration", 0)))
-        finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
-        self.queue.submit(LogEpoch(trial.trial_id, step, finite, int(time.time() * 1000)))
+        self.queue.submit(LogEpoch(trial.trial_id, step, _finite_metrics(result), int(time.time() * 1000)))
         if result.get(DIVERGED):
             self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))
 
@@ -130,6 +140,7 @@ class SweepTracker(tune.Callback):
             self.queue.submit(LogCheckpoint(trial.trial_id, checkpoint.path, accuracy, step))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.open_trials.pop(trial.trial_id, None)
         self.queue.submit(EndTrial(trial.trial_id, "FINISHED"))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -138,21 +149,74 @@ class SweepTracker(tune.Callback):
         self.queue.submit(TagTrial(trial.trial_id, tags))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.queue.submit(TagTrial(trial.trial_id, {ERROR_TAG: _error_text(trial)}))
+        self.open_trials.pop(trial.trial_id, None)
+        self.errors.append(_error_text(trial))
+        self.queue.submit(TagTrial(trial.trial_id, {ERROR_TAG: self.errors[-1]}))
         self.queue.submit(EndTrial(trial.trial_id, "FAILED"))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Tune calls this at the end, after a Ctrl-C too; unfinished trials mean an interruption."""
+        if self.rebuild:
+            for trial in trials:
+                self._rebuild_from_tune(trial)
         statuses = {trial.trial_id: final_status(trial, self.max_epochs) for trial in trials}
         for trial_id, status in statuses.items():
             self.queue.submit(EndTrial(trial_id, status, only_if_started=True))
-        interrupted = "KILLED" in statuses.values() or len(trials) < self.num_samples
+        self.open_trials.clear()
+        self._finish("KILLED" in statuses.values() or len(trials) < self.num_samples)
+
+    def finish_after_a_crash(self) -> None:
+        """When Tune itself failed (its storage full, or Ray gone under a stop signal) and so never
+        called `on_experiment_end`: the trials under way are KILLED, and so is the sweep."""
+        for trial_id in self.open_trials:
+            self.queue.submit(EndTrial(trial_id, "KILLED", only_if_started=True))
+        self.open_trials.clear()
+        self._finish(interrupted=True)
+
+    def abandon(self) -> None:
+        """From the stop watchdog's thread, when Tune is stuck for good (Ray went down with a stop
+        signal): the trials under way and the sweep are KILLED, written straight to MLflow, since
+        the queue belongs to the stuck thread. What cannot be written now, a resume rebuilds."""
+        writer = MlflowWriter(self.settings["tracking_uri"], self.settings["sweep"])
+        for trial_id in list(self.open_trials):
+            with contextlib.suppress(*TRACKING_ERRORS, LookupError):
+                writer.apply(EndTrial(trial_id, "KILLED", only_if_started=True))
+        with contextlib.suppress(*TRACKING_ERRORS):
+            writer.client.set_terminated(self.settings["sweep"].run_id, "KILLED")
+
+    def _finish(self, interrupted: bool) -> None:
         self.queue.submit(FinishSweep(interrupted))
         # The last chance in this run: give a restarting server a little time.
         deadline = time.monotonic() + self.END_GRACE_S
         while self.queue.pending and time.monotonic() < deadline:
             time.sleep(2.0)
             self.queue.flush(force=True)
+
+    def _rebuild_from_tune(self, trial: Any) -> None:
+        """Writes again, from the results and checkpoints Tune keeps in the trial's folder (the
+        source of truth), whatever its run lacks. Each write is skipped where MLflow has it."""
+        results_file = Path(trial.path) / "result.json"
+        if is_uri(trial.path) or not results_file.exists():
+            return  # never reported, or on remote storage: only a live trial's writes reach MLflow
+        results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+        self.queue.submit(
+            StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config), reopen=False)
+        )
+        for result in results:
+            step = int(result.get(EPOCH, 0))
+            timestamp_ms = int(result["timestamp"] * 1000)
+            self.queue.submit(LogEpoch(trial.trial_id, step, _finite_metrics(result), timestamp_ms))
+            if result.get(DIVERGED):
+                self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))
+            if result.get("checkpoint_dir_name"):  # logged if still on disk and the best so far
+                checkpoint = Path(trial.path) / result["checkpoint_dir_name"]
+                self.queue.submit(LogCheckpoint(trial.trial_id, str(checkpoint), result[METRIC], step))
+
+
+def _finite_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The reported metrics of a result; MLflow cannot store an infinite or NaN loss."""
+    metrics = {name: float(result[name]) for name in REPORTED_METRICS if name in result}
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}
 
 
 def _error_text(trial: Any) -> str:

@@ -23,6 +23,7 @@ class Journal:
 
     def __init__(self, file: StoredFile) -> None:
         self.file = file
+        self.set_aside = False  # an unreadable journal was found and moved out of the way
 
     def exists(self) -> bool:
         return self.file.exists()
@@ -38,6 +39,7 @@ class Journal:
             return [Operation.from_json(entry) for entry in entries]
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             aside = self.file.set_aside()
+            self.set_aside = True
             print(
                 f"MLflow journal {self.file} is unreadable ({first_line(error)}); set aside as {aside}. "
                 "What it held is written again from Tune's own results at the end of the sweep",

@@ -97,7 +97,7 @@ def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -
             try:
                 write_best(best_trial(client, parent, children), folder / BEST_JSON)
                 best_note = f"`{BEST_JSON}` holds the best config, as `search.export` writes it."
-            except InputError as error:  # no trial finished an epoch
+            except InputError as error:  # no trial has a best checkpoint
                 best_note = f"No `{BEST_JSON}`: {error}."
             summary = summary_markdown(parent, children, top, distributions, importance, best_note)
             (folder / SUMMARY_MD).write_text(summary)

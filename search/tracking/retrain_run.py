@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import mlflow
 import mlflow.pytorch
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -22,10 +24,19 @@ from trainables.names import (
     RETRAIN_ROLE,
     ROLE_TAG,
     SOURCE_RUN_ID_TAG,
+    SOURCE_RUN_STATE_TAG,
     SPACE_TAG,
     SPEC_FILE,
     SWEEP_TAG,
 )
+
+
+def _lifecycle(client: MlflowClient, run_id: str) -> str:
+    """active, deleted, or missing (not in this store)."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage
+    except MlflowException:
+        return "missing"
 
 
 class RetrainRun:
@@ -38,13 +49,22 @@ class RetrainRun:
 
     def __enter__(self) -> RetrainRun:
         mlflow.set_tracking_uri(self.tracking_uri)
-        experiment_id = get_or_create_experiment(MlflowClient(self.tracking_uri), self.best.experiment)
+        client = MlflowClient(self.tracking_uri)
+        experiment_id = get_or_create_experiment(client, self.best.experiment)
         tags = {
             ROLE_TAG: RETRAIN_ROLE,
             SOURCE_RUN_ID_TAG: self.best.run_id,
             SWEEP_TAG: self.best.sweep,
             SPACE_TAG: self.best.space,
         }
+        source = _lifecycle(client, self.best.run_id)
+        if source != "active":  # best.json holds all a retrain needs, but the link now leads nowhere
+            tags[SOURCE_RUN_STATE_TAG] = source
+            print(
+                f"note: the trial best.json came from, run {self.best.run_id}, is {source} in "
+                f"{self.tracking_uri}; the retrain goes on from best.json alone",
+                file=sys.stderr,
+            )
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{self.best.sweep}", tags=tags)
         self.run_id = run.info.run_id
         return self

@@ -8,6 +8,7 @@ report read them here.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -212,12 +213,29 @@ def trial_table(children: list[Run]) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-class WritesPending(Exception):
-    """The sweep is over, but some MLflow writes still wait in its journal."""
+class TrackingFailed(Exception):
+    """MLflow failed after the training ran: the results are safe in Tune's storage, and the MLflow
+    writes wait in the sweep's journal for --resume."""
 
 
 # What a failing tracking store raises: MLflow's own errors, HTTP and file-system ones.
-TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError, WritesPending)
+TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the store. A new SQLite store is created under a lock on its folder: two sweeps
+    creating one at the same moment would both create its tables, and one would fail."""
+    database = sqlite_file(uri)
+    if database is None:
+        return MlflowClient(uri)
+    folder = os.open(database.resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tables are created by the first use
+        return client
+    finally:
+        os.close(folder)  # and with it the lock
 
 
 def as_params(values: Mapping[str, Any]) -> list[Param]:

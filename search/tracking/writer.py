@@ -120,12 +120,14 @@ class StartTrial(Operation):
     trial_id: str
     run_name: str
     config: dict[str, Any]
+    reopen: bool = True  # False when rebuilding a run from Tune's records: create it if missing, no more
 
     def apply(self, writer: MlflowWriter) -> None:
         existing = writer.find(self.trial_id)
-        if existing is not None:  # a restored trial: RUNNING again, not the KILLED it was left as
-            writer.client.update_run(existing.run_id, status="RUNNING")
-            existing.resumed = existing.last_step > 0
+        if existing is not None:
+            if self.reopen:  # a restored trial: RUNNING again, not the KILLED it was left as
+                writer.client.update_run(existing.run_id, status="RUNNING")
+                existing.resumed = existing.last_step > 0
             return
         run = writer.client.create_run(
             writer.sweep.experiment_id,

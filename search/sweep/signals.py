@@ -1,0 +1,77 @@
+"""SIGTERM and SIGHUP stop a sweep as Ctrl-C does.
+
+Batch schedulers, `docker stop` and `kill` send SIGTERM; a closed terminal sends
+SIGHUP. Left to Ray's handler, either one exits at once: runs stay RUNNING and no
+resume command is printed. Here the first one asks Tune to end the sweep the way
+Ctrl-C does (a last snapshot, runs marked KILLED, the resume command printed), and
+a second one leaves at once, as a second Ctrl-C does.
+
+When the signal went to the whole process group, Ray's own processes are gone with
+it and Tune cannot end anything: after a grace period a watchdog closes the runs
+itself (`abandon`), and leaves with the signal's exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class SweepStopped(Exception):
+    """A stop signal arrived where the sweep could not end gracefully: before Tune ran, or twice."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopSignals:
+    """While in effect, turns SIGTERM and SIGHUP into Tune's graceful stop; remembers which came."""
+
+    GRACE_S = 20.0  # a graceful stop takes a few seconds; with Ray gone, it never ends
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        # What to do, in order, before leaving when a graceful stop never ends: close the runs
+        # without Ray, print how to resume.
+        self.on_abandon: list[Callable[[int], None]] = []
+        self._previous: dict[int, Any] = {}
+        self._ended = threading.Event()
+
+    def __enter__(self) -> StopSignals:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._ended.set()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        # Tune listens for SIGUSR1 as for Ctrl-C while it runs (and only then: otherwise
+        # SIGUSR1 would end the process).
+        if first and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            threading.Thread(target=self._watch, args=(signum,), daemon=True).start()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise SweepStopped(self.received)
+
+    def _watch(self, signum: int) -> None:
+        if self._ended.wait(self.GRACE_S):
+            return
+        for step in self.on_abandon:
+            with contextlib.suppress(Exception):  # leaving is what matters now
+                step(signum)
+        os._exit(128 + signum)  # the main thread is stuck in Ray: there is no clean exit left
