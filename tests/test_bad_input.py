@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import free_port, run_module
+from mlflow.tracking import MlflowClient
 
 from search.cli import EXIT_BAD_INPUT
 
@@ -54,7 +55,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
             "no sweep named ghost",
         ),
         ([], "the following arguments are required: --space"),
-        (["--space", "sgd", "--tracking-uri", "sqlite:///no/such/dir/m.db"], "folder"),
+        (
+            ["--space", "sgd", "--tracking-uri", "sqlite:///no/such/dir/m.db"],
+            "cannot create MLflow store sqlite:///no/such/dir/m.db: folder",
+        ),
     ],
 )
 def test_search_run_refuses(args, message, tmp_path):
@@ -203,10 +207,20 @@ def test_search_retrain_refuses_a_missing_file(tmp_path):
     )
 
 
-def test_search_export_refuses_an_unknown_experiment(tmp_path):
+def test_search_export_refuses_a_missing_store_without_creating_one(tmp_path):
     store = f"sqlite:///{tmp_path}/m.db"
     result = run_module(
         "search.export", "--experiment", "ghost", "--tracking-uri", store, "--out", "b.json", cwd=tmp_path
     )
     assert_one_line_error(result, f"no MLflow store at {tmp_path}/m.db")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_search_export_refuses_an_unknown_experiment_naming_the_known_ones(tmp_path):
+    store = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(store).create_experiment("cifar10-sgd")
+    result = run_module(
+        "search.export", "--experiment", "ghost", "--tracking-uri", store, "--out", "b.json", cwd=tmp_path
+    )
+    assert_one_line_error(result, f"no experiment 'ghost' in {store} (known: cifar10-sgd, Default)")
+    assert not (tmp_path / "b.json").exists()

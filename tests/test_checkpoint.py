@@ -18,21 +18,28 @@ SPEC = ModelSpec(TrialConfig(), (3, 32, 32), tuple("abcdefghij"), (0.5, 0.5, 0.5
 
 
 def saved(tmp_path):
+    """A model and its Nesterov optimizer one step into training (so the optimizer has momentum)."""
     model = SPEC.build(seed=1)
     optimizer = build_optimizer(model, SPEC.config)
+    model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
     save_checkpoint(tmp_path, SPEC, model, optimizer, epoch=3)
-    return model
+    return model, optimizer
 
 
 def test_a_checkpoint_round_trips_with_its_optimizer_state_and_epoch(tmp_path):
-    model = saved(tmp_path)
+    model, optimizer = saved(tmp_path)
     loaded = load_checkpoint(tmp_path)
     assert loaded.epoch == 3 and loaded.spec == SPEC
     rebuilt = loaded.spec.build()
     rebuilt.load_state_dict(loaded.model_state)
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt(images), model(images))
-    assert "param_groups" in loaded.optimizer_state
+    restored = build_optimizer(rebuilt, SPEC.config)
+    restored.load_state_dict(loaded.optimizer_state)
+    assert restored.param_groups[0]["lr"] == SPEC.config.lr
+    for before, after in zip(optimizer.state.values(), restored.state.values(), strict=True):
+        assert torch.equal(before["momentum_buffer"], after["momentum_buffer"])
 
 
 def test_plain_pytorch_reads_it_with_weights_only(tmp_path):
@@ -56,7 +63,7 @@ class Payload:
 
 
 def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
-    model = saved(tmp_path)
+    model, _ = saved(tmp_path)
     torch.save(
         {"model": model.state_dict(), "optimizer": {}, "epoch": 1, "extra": Payload()},
         tmp_path / CHECKPOINT_FILE,

@@ -17,6 +17,7 @@ from search import export, retrain, run
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
 from trainables.config import TrialConfig
+from trainables.loop import resolve_precision
 from trainables.names import (
     ACCURACY_PNG,
     BEST_JSON,
@@ -27,6 +28,7 @@ from trainables.names import (
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,
     METRIC,
+    PRECISION,
     REPORTED_METRICS,
     SOURCE_RUN_STATE_TAG,
     SPEC_FILE,
@@ -82,8 +84,9 @@ def test_each_child_has_its_config_per_epoch_metrics_and_no_junk(sweep):
     _, children = parent_and_children(sweep)
     client = sweep["client"]
     for child in children:
-        assert set(child.data.params) == set(TrialConfig().to_dict())
-        assert set(child.data.metrics) <= {*REPORTED_METRICS, BEST_METRIC}
+        assert set(child.data.params) == {*TrialConfig().to_dict(), PRECISION}
+        assert child.data.params[PRECISION] == resolve_precision("auto", torch.device("cpu"))
+        assert set(child.data.metrics) == {*REPORTED_METRICS, BEST_METRIC}
         history = client.get_metric_history(child.info.run_id, METRIC)
         steps = [point.step for point in history]
         assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= EPOCHS

@@ -33,7 +33,7 @@ from trainables.names import IMPORTANCE_JSON, RESUMED_AT_TAG
 pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 3
-EPOCHS = 12
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")

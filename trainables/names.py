@@ -19,6 +19,9 @@ TRAIN_IMAGES_PER_S = "train_images_per_s"
 EPOCH_TIME_S = "epoch_time_s"  # training plus validation: the time a trial spends on its real work
 DIVERGED = "diverged"  # 1.0 when the loss stopped being finite; also a tag, "true"
 REPORTED_METRICS = (METRIC, VAL_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_IMAGES_PER_S, EPOCH_TIME_S, DIVERGED)
+PRECISION = (
+    "precision"  # the arithmetic a trial trained in, fp32 or bf16: a param of its run, from its first result
+)
 BEST_METRIC = f"best_{METRIC}"  # a trial's best epoch, the one whose checkpoint is logged
 TEST_ACC = "test_acc"
 TEST_LOSS = "test_loss"

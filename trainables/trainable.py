@@ -26,6 +26,7 @@ from trainables.names import (
     EPOCH,
     EPOCH_TIME_S,
     METRIC,
+    PRECISION,
     TRAIN_ACC,
     TRAIN_IMAGES_PER_S,
     TRAIN_LOSS,
@@ -63,11 +64,14 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
 
     for report in training.epochs(first_epoch, settings.max_epochs):
         if report.diverged:
-            tune.report({METRIC: WORST_ACCURACY, DIVERGED: 1.0, EPOCH: report.epoch})
+            tune.report(
+                {METRIC: WORST_ACCURACY, DIVERGED: 1.0, EPOCH: report.epoch, PRECISION: training.precision}
+            )
             return
         with tempfile.TemporaryDirectory() as directory:
             training.save(Path(directory), report.epoch)
-            tune.report(_epoch_metrics(report), checkpoint=tune.Checkpoint.from_directory(directory))
+            results = {**_epoch_metrics(report), PRECISION: training.precision}
+            tune.report(results, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def _epoch_metrics(report: EpochReport) -> dict[str, float]:

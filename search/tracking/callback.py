@@ -26,6 +26,7 @@ from search.tracking.writer import (
     FinishSweep,
     LogCheckpoint,
     LogEpoch,
+    LogParams,
     MlflowWriter,
     StartTrial,
     SweepRun,
@@ -33,7 +34,7 @@ from search.tracking.writer import (
 )
 from spaces import get_space
 from trainables.config import TrialConfig
-from trainables.names import DIVERGED, EPOCH, ERROR_TAG, METRIC, REPORTED_METRICS, RETRIES_TAG
+from trainables.names import DIVERGED, EPOCH, ERROR_TAG, METRIC, PRECISION, REPORTED_METRICS, RETRIES_TAG
 
 
 def final_status(trial: Any, max_epochs: int) -> str:
@@ -105,6 +106,7 @@ class SweepTracker(tune.Callback):
         self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep), Journal(journal))
         self.open_trials: dict[str, None] = {}  # started and not ended, in the order they started
         self.errors: list[str] = []  # the errors of the trials that failed in this run
+        self.precision_logged: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return self.settings
@@ -129,6 +131,9 @@ class SweepTracker(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         step = int(result.get(EPOCH, result.get("training_iteration", 0)))
+        if PRECISION in result and trial.trial_id not in self.precision_logged:
+            self.precision_logged.add(trial.trial_id)
+            self.queue.submit(LogParams(trial.trial_id, {PRECISION: str(result[PRECISION])}))
         self.queue.submit(LogEpoch(trial.trial_id, step, _finite_metrics(result), int(time.time() * 1000)))
         if result.get(DIVERGED):
             self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))

@@ -43,7 +43,7 @@ class TrialRun:
 
     run_id: str
     best: float = -math.inf  # the best accuracy whose checkpoint is logged
-    last_step: int = 0  # the last epoch logged
+    steps: set[int] = dataclasses.field(default_factory=set)  # the epochs logged
     resumed: bool = False  # restarted on a run that already has epochs: tag where it went on
 
 
@@ -84,7 +84,7 @@ class MlflowWriter:
             self._trials[trial_id] = TrialRun(
                 run_id=run.info.run_id,
                 best=run.data.metrics.get(BEST_METRIC, -math.inf),
-                last_step=max((point.step for point in history), default=0),
+                steps={point.step for point in history},
             )
         return self._trials[trial_id]
 
@@ -127,7 +127,7 @@ class StartTrial(Operation):
         if existing is not None:
             if self.reopen:  # a restored trial: RUNNING again, not the KILLED it was left as
                 writer.client.update_run(existing.run_id, status="RUNNING")
-                existing.resumed = existing.last_step > 0
+                existing.resumed = bool(existing.steps)
             return
         run = writer.client.create_run(
             writer.sweep.experiment_id,
@@ -149,7 +149,8 @@ class LogEpoch(Operation):
     """An epoch's metrics, logged once: an epoch the run already has is skipped.
 
     A hard stop can come after an epoch reached MLflow but before Tune saved its
-    checkpoint; the resumed trial then trains that epoch again.
+    checkpoint; the resumed trial then trains that epoch again. And a rebuild from
+    Tune's records may bring earlier epochs after later ones.
     """
 
     trial_id: str
@@ -162,11 +163,23 @@ class LogEpoch(Operation):
         if trial.resumed:  # the first epoch since this trial was resumed
             trial.resumed = False
             writer.client.set_tag(trial.run_id, RESUMED_AT_TAG, str(self.step))
-        if self.step <= trial.last_step:
+        if self.step in trial.steps:
             return
         metrics = [Metric(name, value, self.timestamp_ms, self.step) for name, value in self.metrics.items()]
         writer.client.log_batch(trial.run_id, metrics=metrics)
-        trial.last_step = self.step
+        trial.steps.add(self.step)
+
+
+@dataclass(frozen=True)
+class LogParams(Operation):
+    """Params a trial learns as it runs (its precision, resolved on its own device); logging a param
+    again with the same value is allowed, so a replay is harmless."""
+
+    trial_id: str
+    params: dict[str, str]
+
+    def apply(self, writer: MlflowWriter) -> None:
+        writer.client.log_batch(writer.trial(self.trial_id).run_id, params=as_params(self.params))
 
 
 @dataclass(frozen=True)
