@@ -12,6 +12,7 @@ does bf16 natively, with fp32 master weights, optimizer and loss.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import time
@@ -32,6 +33,9 @@ from trainables.model import build_optimizer
 # Checking the loss costs a host sync; every few steps is soon enough to stop a diverged run.
 DIVERGENCE_CHECK_STEPS = 25
 EVAL_BATCH = 1000
+# glibc's mallopt parameters (malloc.h), and the most it takes for the mmap threshold on 64 bits.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 32 * 2**20
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -47,6 +51,21 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """Asks glibc's allocator to keep the large blocks a training step frees, for the next step.
+
+    By default it hands blocks over 128 kB back to the OS when freed and maps them again
+    on the next step, a page fault per page touched, every step: measured on CPU, a
+    process's first bf16 training ran 35% slower (fp32: 20%) until its heap had grown by
+    chance. Once per process; elsewhere than glibc, nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
 
 
 @functools.cache
@@ -121,6 +140,8 @@ class Training:
     ) -> None:
         self.spec, self.seed, self.device = spec, seed, device
         self.precision = resolve_precision(precision, device)
+        if device.type == "cpu":
+            keep_freed_memory()
         self.batch_size = spec.config.batch_size
         self.model = spec.build(seed=seed, device=device)
         self.optimizer = build_optimizer(self.model, spec.config)
