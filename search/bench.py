@@ -53,7 +53,7 @@ from search.sweep.settings import SweepSettings
 from search.tracking.store import child_runs
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
-from trainables.config import CIFAR10, DataSettings, TrialConfig
+from trainables.config import CIFAR10, PRECISIONS, DataSettings, TrialConfig
 from trainables.data import ImageSplits, load_splits, split_indices
 from trainables.errors import InputError
 from trainables.loop import Training, resolve_precision
@@ -149,10 +149,10 @@ def peak_gflop_per_s(device: torch.device, dtype: torch.dtype, repeats: int = 5)
 
 
 def measure_epochs(
-    data: DataSettings, splits: ImageSplits, device: torch.device, repeats: int, seed: int
+    data: DataSettings, splits: ImageSplits, device: torch.device, repeats: int, seed: int, precision: str
 ) -> dict[str, Any]:
     images = len(splits.train_labels)
-    default = resolve_precision("auto", device)
+    default = resolve_precision(precision, device)
     print(f"Best epoch of {repeats}, Part IV, batch 64, {images} images, on {device}:", flush=True)
     # Alternated, each pipeline's best epoch kept: on a shared machine a slow moment then
     # lowers one measurement of each, not every measurement of one pipeline.
@@ -195,10 +195,10 @@ def measure_epochs(
     return figures
 
 
-def measure_parallel(splits: ImageSplits, seed: int) -> dict[str, Any]:
+def measure_parallel(splits: ImageSplits, seed: int, precision: str) -> dict[str, Any]:
     """Aggregate images a second of one one-thread trial alone, and of two at once (CPU)."""
     device = torch.device("cpu")
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(precision, device)
     flops = training_flops_per_image(PART_IV, splits.input_shape, splits.num_classes)
     peak = peak_gflop_per_s(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     print(f"Trials of one thread each, {precision}, side by side in their own processes:")
@@ -258,7 +258,9 @@ def measure_accuracy(splits: ImageSplits, device: torch.device, seeds: int) -> d
     return figures
 
 
-def sweep_timing(data: DataSettings, space: str, trials: int, seed: int, train_images: int) -> SweepTiming:
+def sweep_timing(
+    data: DataSettings, space: str, trials: int, seed: int, train_images: int, precision: str
+) -> SweepTiming:
     """Runs a real FIFO sweep and compares its wall time with the time its trials spent training.
 
     The wall time runs from the call to the summary: loading the data, the MLflow runs,
@@ -274,6 +276,7 @@ def sweep_timing(data: DataSettings, space: str, trials: int, seed: int, train_i
             num_samples=trials,
             scheduler="fifo",
             seed=seed,
+            precision=precision,
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
             storage_path=f"{workdir}/ray",
             name="bench",
@@ -312,13 +315,13 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 
 
 def measure_sweeps(
-    data: DataSettings, space: str, trials: int, seed: int, train_images: int
+    data: DataSettings, space: str, trials: int, seed: int, train_images: int, precision: str
 ) -> dict[str, Any]:
     started = time.perf_counter()
     owns_ray = start_ray(address=None, output="progress")
     figures: dict[str, Any] = {"ray_start_s": time.perf_counter() - started}
     try:
-        timing = sweep_timing(data, space, trials, seed, train_images)
+        timing = sweep_timing(data, space, trials, seed, train_images, precision)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -367,7 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         default="sgd",
         help="space of the timed sweep (default sgd: fixed widths, even trials)",
     )
-    parser.add_argument("--seed", type=non_negative_int, default=default(SweepSettings, "seed"))
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default(SweepSettings, "precision"),
+        help="of the speedup figure, the parallel trials and the sweep (the epochs time both)",
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=default(SweepSettings, "seed"), help="of all"
+    )
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     args = parser.parse_args(argv)
 
@@ -388,14 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         "train_images": len(splits.train_labels),
     }
     if "epochs" in sections:
-        figures.update(measure_epochs(data, splits, device, args.repeats, args.seed))
+        figures.update(measure_epochs(data, splits, device, args.repeats, args.seed, args.precision))
     if "parallel" in sections:
-        figures.update(measure_parallel(splits, args.seed))
+        figures.update(measure_parallel(splits, args.seed, args.precision))
     if "accuracy" in sections:
         figures.update(measure_accuracy(splits, device, args.accuracy_seeds))
     if "sweeps" in sections:
         train_images = len(splits.train_labels)
-        figures.update(measure_sweeps(data, args.sweep_space, args.sweep_trials, args.seed, train_images))
+        sweep = (args.sweep_space, args.sweep_trials, args.seed, train_images, args.precision)
+        figures.update(measure_sweeps(data, *sweep))
     if args.json:
         print(json.dumps(figures))
     return EXIT_OK

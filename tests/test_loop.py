@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,24 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
         assert resolve_precision("auto", CPU) == expected
     with pytest.raises(InputError, match="precision must be one of"):
         resolve_precision("fp16", CPU)
+
+
+def test_fp32_reproduces_its_numbers_bit_for_bit_and_bf16_trains_to_a_finite_loss():
+    runs = []
+    for precision in ("fp32", "fp32", "bf16"):
+        training = training_for(
+            TrialConfig(**SMALL, batch_size=16), separable_splits(200), seed=4, precision=precision
+        )
+        *_, last = training.epochs(1, 2)
+        runs.append((last.train.loss, last.val.loss, training.model.state_dict()))
+    (
+        (fp32_loss, fp32_val, fp32_state),
+        (again_loss, again_val, again_state),
+        (bf16_loss, bf16_val, bf16_state),
+    ) = runs
+    assert (fp32_loss, fp32_val) == (again_loss, again_val)
+    assert all(torch.equal(fp32_state[name], again_state[name]) for name in fp32_state)
+    assert math.isfinite(bf16_loss) and math.isfinite(bf16_val)
+    assert not all(
+        torch.equal(fp32_state[name], bf16_state[name]) for name in fp32_state
+    )  # it did run in bf16
