@@ -71,7 +71,21 @@ def _number(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str
     return parse
 
 
+def duration(text: str) -> float:
+    """Seconds, from 90, 90s, 10m or 1.5h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 10m or 1.5h") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return seconds
+
+
 positive_int = _number(int, 1)
+at_least_two = _number(int, 2)
 non_negative_int = _number(int, 0)
 positive_float = _number(float, 0.0, inclusive=False)
 non_negative_float = _number(float, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import signal
 import sys
@@ -17,18 +18,21 @@ from search.cli import (
     EXIT_TRACKING_FAILED,
     OneLineParser,
     add_data_options,
+    at_least_two,
     data_settings,
     default,
+    duration,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     run_command,
 )
-from search.sweep.settings import SCHEDULERS, SweepSettings, check_ray_address, check_reachable
+from search.sweep.settings import SAMPLERS, SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
 from trainables.config import PRECISIONS
 from trainables.errors import first_line
+from trainables.stats import wilson_interval
 
 if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
     from search.sweep.engine import SweepOutcome
@@ -45,6 +49,18 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     option("--epochs", type=positive_int, help="most epochs a trial gets")
     option("--num-samples", type=positive_int, help="trials")
     option("--scheduler", choices=SCHEDULERS, help="asha stops weak trials early; fifo runs each to the end")
+    option(
+        "--rungs", type=positive_int, help="ASHA's, the last at all the training (3: a ninth, a third, all)"
+    )
+    option("--reduction-factor", type=at_least_two, help="of the trials at a rung, 1 in this many goes on")
+    option("--sampler", choices=SAMPLERS, help="tpe (multivariate), gp (Gaussian process) or random")
+    option("--time-budget", dest="time_budget_s", type=duration, help="e.g. 10m: then no new trial starts")
+    sweep.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=default(SweepSettings, "warm_start"),
+        help="start from the finished trials of earlier sweeps of the space on the same data and fidelity",
+    )
     option("--seed", type=non_negative_int, help="sampler, split, initial weights and batch order")
     option("--precision", choices=PRECISIONS, help="model arithmetic; auto: bf16 where the CPU or GPU has it")
     option("--max-failures", type=non_negative_int, help="retries of a crashed trial")
@@ -73,6 +89,11 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         epochs=args.epochs,
         num_samples=args.num_samples,
         scheduler=args.scheduler,
+        rungs=args.rungs,
+        reduction_factor=args.reduction_factor,
+        sampler=args.sampler,
+        warm_start=args.warm_start,
+        time_budget_s=args.time_budget_s,
         seed=args.seed,
         precision=args.precision,
         gpus_per_trial=args.gpus_per_trial,
@@ -93,7 +114,8 @@ def _options_of(group: Any) -> Callable[..., Any]:
     """add_argument for an option of SweepSettings, with the field's default: defined once, there."""
 
     def option(flag: str, **kwargs: Any) -> Any:
-        return group.add_argument(flag, default=default(SweepSettings, flag[2:].replace("-", "_")), **kwargs)
+        field = kwargs.get("dest", flag[2:].replace("-", "_"))
+        return group.add_argument(flag, default=default(SweepSettings, field), **kwargs)
 
     return option
 
@@ -104,12 +126,20 @@ def print_summary(outcome: SweepOutcome) -> None:
     )
     diverged = f", {outcome.diverged} of them diverged" if outcome.diverged else ""
     print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
+    if outcome.warm_start or outcome.warm_start_skipped:
+        skipped = outcome.warm_start_skipped
+        outside = f" ({skipped} skipped: outside the space's ranges)" if skipped else ""
+        print(f"Warm start: from {outcome.warm_start} finished trials of earlier sweeps{outside}")
     for run_name, error in outcome.failures.items():
         print(f"  failed: {run_name}: {error}")
     if outcome.best_accuracy is None:
         print(f"No best config: {outcome.no_best_reason}.")
     else:
-        print(f"Best {outcome.best_accuracy:.4f} validation accuracy, MLflow run {outcome.best_run_id}")
+        low, high = wilson_interval(outcome.best_accuracy, outcome.val_size)
+        print(
+            f"Best {outcome.best_accuracy:.4f} validation accuracy (95% interval {low:.4f}-{high:.4f} on "
+            f"{outcome.val_size} images), MLflow run {outcome.best_run_id}"
+        )
         print("Best config: " + ", ".join(f"{k}={v}" for k, v in sorted(outcome.best_config.items())))
     print(
         f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, "

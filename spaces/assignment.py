@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 
 from spaces.registry import register_space
+from trainables.config import TrialConfig
 
 # The band of lr / (1 - momentum) that the nesterov space searches (see there).
 EFFECTIVE_STEP = (0.006, 0.05)
@@ -44,21 +45,37 @@ def sgd(trial: optuna.Trial) -> dict[str, Any]:
     return {"model": "module", "optimizer": "sgd", "momentum": 0.0, **ASSIGNMENT_SHAPE}
 
 
+def _with_effective_step(config: TrialConfig) -> dict[str, Any]:
+    return {**config.to_dict(), "effective_step": config.lr / (1 - config.momentum)}
+
+
 @register_space(
-    summary="Part IV: lr, weight decay, Nesterov momentum and widths of the nn.Sequential model",
-    first_point={"lr": 1e-2, "weight_decay": 1e-4, "momentum": 0.5, "channel_1": 32, "channel_2": 16},
+    summary="Part IV: effective step, weight decay, Nesterov momentum and widths of the nn.Sequential model",
+    first_point={
+        "momentum": 0.5,
+        "effective_step": 0.02,
+        "weight_decay": 1e-4,
+        "channel_1": 32,
+        "channel_2": 16,
+    },
+    params_of=_with_effective_step,
 )
 def nesterov(trial: optuna.Trial) -> dict[str, Any]:
     momentum = trial.suggest_float("momentum", 0.5, 0.95)
-    # What moves the weights is the effective step lr / (1 - momentum), not lr alone. In
+    # What moves the weights is the effective step lr / (1 - momentum), not lr alone: in
     # one-epoch trials on CIFAR-10 at batch 64, steps of 0.02-0.04 did best and 0.06-0.09
-    # scored 14-45%. Scaling lr's range by (1 - momentum) keeps every (lr, momentum) pair
-    # in the band, so momentum can be searched on its own merits.
-    trial.suggest_float(
-        "lr", EFFECTIVE_STEP[0] * (1 - momentum), EFFECTIVE_STEP[1] * (1 - momentum), log=True
-    )
+    # scored 14-45%. Searching the step (and deriving lr) keeps every trial in the band, and
+    # keeps every range fixed, so the sampler can model all the parameters together.
+    step = trial.suggest_float("effective_step", *EFFECTIVE_STEP, log=True)
     trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)
     trial.suggest_int("channel_1", 16, 128, log=True)
     # channel_2 also sizes the linear layer (channel_2 x H x W inputs): wider helps most.
     trial.suggest_int("channel_2", 16, 128, log=True)
-    return {"model": "sequential", "optimizer": "nesterov", "kernel_1": 5, "kernel_2": 3, "batch_size": 64}
+    return {
+        "lr": step * (1 - momentum),
+        "model": "sequential",
+        "optimizer": "nesterov",
+        "kernel_1": 5,
+        "kernel_2": 3,
+        "batch_size": 64,
+    }

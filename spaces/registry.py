@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,45 +13,69 @@ from optuna.distributions import BaseDistribution
 from trainables.config import TrialConfig
 from trainables.errors import InputError
 
-# A define-by-run space: calls trial.suggest_* and returns the constants it does not search.
+# A define-by-run space: calls trial.suggest_* for what it searches, and returns the rest of the
+# config: the constants, and whatever it derives from what it searched.
 DefineByRun = Callable[[optuna.Trial], dict[str, Any]]
+CONFIG_FIELDS = frozenset(TrialConfig().to_dict())
+
+
+def _config_fields(config: TrialConfig) -> dict[str, Any]:
+    return config.to_dict()
 
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """A define-by-run space with fixed ranges, so Optuna's samplers model every parameter jointly."""
+
     name: str
     summary: str
     define: DefineByRun
     # The assignment's own settings for the searched parameters, evaluated first,
     # so no sweep ends worse than the assignment did.
     first_point: dict[str, Any] = field(default_factory=dict)
+    # A config's searched parameters, where the space searches something other than config fields
+    # (nesterov searches the effective step lr / (1 - momentum)); by default the fields themselves.
+    params_of: Callable[[TrialConfig], dict[str, Any]] = _config_fields
 
     def config_for(self, trial: optuna.Trial) -> TrialConfig:
-        """What a trial of this space trains: its suggestions plus the space's constants."""
-        constants = self.define(trial)
-        return TrialConfig.from_dict({**trial.params, **constants})
+        """What a trial of this space trains: its suggestions plus what the space returns."""
+        decided = self.define(trial)
+        searched = {name: value for name, value in trial.params.items() if name in CONFIG_FIELDS}
+        return TrialConfig.from_dict({**searched, **decided})
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """What the space searches, and the range of each."""
+        return self.searched_at(TrialConfig.from_dict(self.define(optuna.trial.FixedTrial(self.first_point))))
 
     def searched_at(self, config: TrialConfig) -> dict[str, BaseDistribution]:
-        """The distributions the space draws its parameters from, replayed at this config's point.
-
-        A range may depend on another parameter (nesterov's lr on momentum), hence "at".
-        """
-        trial = optuna.trial.FixedTrial(config.to_dict())
-        self.define(trial)
+        """The distributions of the parameters the space searched for this config."""
+        trial = optuna.trial.FixedTrial(self.params_of(config))
+        with warnings.catch_warnings():  # a config from an older, wider space: its caller decides
+            warnings.filterwarnings("ignore", "The value .* is out of the range", UserWarning)
+            self.define(trial)
         return trial.distributions
+
+    def searched_values(self, config: TrialConfig) -> dict[str, Any]:
+        """The values the space searched for this config, by parameter name."""
+        params = self.params_of(config)
+        return {name: params[name] for name in self.searched_at(config)}
 
 
 _SPACES: dict[str, SearchSpace] = {}
 
 
-def register_space(summary: str, first_point: dict[str, Any]) -> Callable[[DefineByRun], DefineByRun]:
+def register_space(
+    summary: str,
+    first_point: dict[str, Any],
+    params_of: Callable[[TrialConfig], dict[str, Any]] = _config_fields,
+) -> Callable[[DefineByRun], DefineByRun]:
     """Registers the decorated define-by-run function under its own name."""
 
     def register(define: DefineByRun) -> DefineByRun:
         name = define.__name__
         if name in _SPACES:
             raise ValueError(f"search space {name!r} is registered twice")
-        _SPACES[name] = SearchSpace(name, summary, define, first_point)
+        _SPACES[name] = SearchSpace(name, summary, define, first_point, params_of)
         return define
 
     return register

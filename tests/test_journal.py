@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from search.sweep.storage import StoredFile
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import start_sweep_run
-from search.tracking.writer import EndTrial, LogEpoch, MlflowWriter, StartTrial
+from search.tracking.writer import EndTrial, LogReport, MlflowWriter, StartTrial
 from trainables.names import METRIC
 
 
@@ -32,8 +32,8 @@ def down(monkeypatch) -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-def epoch(step: int) -> LogEpoch:
-    return LogEpoch("t1", step, {METRIC: 0.1 * step}, timestamp_ms=int(time.time() * 1000))
+def epoch(step: int) -> LogReport:
+    return LogReport("t1", step, {METRIC: 0.1 * step}, timestamp_ms=int(time.time() * 1000))
 
 
 def test_writes_made_while_mlflow_is_down_are_on_disk_before_submit_returns(store, down, tmp_path):
@@ -86,5 +86,5 @@ def test_operations_round_trip_through_the_journal_as_json(tmp_path):
     ]
     journal = Journal(StoredFile(str(tmp_path / "journal.json")))
     journal.write(operations)
-    assert json.loads(journal.file.read_text())[1]["kind"] == "LogEpoch"
+    assert json.loads(journal.file.read_text())[1]["kind"] == "LogReport"
     assert journal.read() == operations

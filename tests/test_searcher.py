@@ -1,34 +1,41 @@
-"""The in-order searcher: the same seed proposes the same configs, whatever order trials finish in.
-Real Optuna samplers behind Ray's OptunaSearch; no Ray runtime."""
+"""The sweep's searcher: the same seed proposes the same configs whatever order trials finish in, and
+Optuna hears honestly how each trial ended. Real Optuna samplers and studies; no Ray runtime."""
 
 from __future__ import annotations
 
 import optuna
 import pytest
-from ray.tune.search.optuna import OptunaSearch
+from optuna.trial import TrialState
 
-from search.sweep.searcher import InOrderSearcher
-from trainables.names import METRIC, MODE
+from search.sweep.searcher import SweepSearcher, make_sampler, warm_start_trials
+from search.tracking.history import PastTrial
+from spaces import get_space
+from trainables.config import TrialConfig
+from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC
+
+SPACE = get_space("nesterov")
 
 
-def space(trial: optuna.Trial) -> None:
-    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-    trial.suggest_int("width", 8, 64, log=True)
-
-
-def searcher(window: int, num_samples: int) -> InOrderSearcher:
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2, constant_liar=True)
-    return InOrderSearcher(OptunaSearch(space, METRIC, MODE, sampler=sampler), window, num_samples)
+def searcher(window: int, num_samples: int, sampler: str = "tpe", epochs: int = 1) -> SweepSearcher:
+    study = optuna.create_study(
+        direction="maximize", sampler=make_sampler(sampler, seed=0, num_samples=num_samples)
+    )
+    study.enqueue_trial(SPACE.first_point)
+    return SweepSearcher(SPACE, study, epochs, window, num_samples)
 
 
 def score(config: dict) -> float:
-    return -abs(config["lr"] - 0.01) - abs(config["width"] - 32) / 1000
+    return 0.6 - abs(config["lr"] - 0.01) - abs(config["channel_2"] - 64) / 1000
 
 
-def sweep(finish_order: list[int], window: int = 2, num_samples: int = 8) -> list[dict]:
+def result(config: dict, epoch: float = 1.0, **extra) -> dict:
+    return {METRIC: score(config), EPOCH: epoch, IMAGES_SEEN: int(epoch * 900), **extra}
+
+
+def sweep(finish_order: list[int], window: int = 2, num_samples: int = 8, sampler: str = "tpe") -> list[dict]:
     """Proposes as a sweep of `window` slots would, finishing the trials under way in the given order
     of preference; returns the configs proposed, in proposal order."""
-    wrapper = searcher(window, num_samples)
+    wrapper = searcher(window, num_samples, sampler)
     proposed: dict[str, dict] = {}
     running: list[str] = []
     preference = iter(finish_order * num_samples)
@@ -37,31 +44,57 @@ def sweep(finish_order: list[int], window: int = 2, num_samples: int = 8) -> lis
             trial_id = f"t{len(proposed)}"
             config = wrapper.suggest(trial_id)
             if config is None:
-                break  # the wrapper waits for an earlier trial: a real sweep would too
+                break  # the searcher waits for an earlier trial: a real sweep would too
             proposed[trial_id] = config
             running.append(trial_id)
         finishing = running.pop(next(preference) % len(running))
-        wrapper.on_trial_complete(finishing, {METRIC: score(proposed[finishing])})
+        wrapper.on_trial_complete(finishing, result(proposed[finishing]))
     return list(proposed.values())
 
 
-def test_the_same_seed_proposes_the_same_configs_whatever_order_trials_finish_in():
-    in_order = sweep(finish_order=[0])  # the oldest trial always finishes first
-    out_of_order = sweep(finish_order=[1, 0, 1])  # later trials often overtake earlier ones
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "random"])
+def test_the_same_seed_proposes_the_same_configs_whatever_order_trials_finish_in(sampler):
+    in_order = sweep(finish_order=[0], sampler=sampler)  # the oldest trial always finishes first
+    out_of_order = sweep(finish_order=[1, 0, 1], sampler=sampler)  # later trials often overtake
     assert out_of_order == in_order
-    assert len({(config["lr"], config["width"]) for config in in_order}) == len(in_order)
+    assert in_order[0] == TrialConfig().to_dict()  # the assignment's point comes first
+    assert len({(config["lr"], config["channel_1"]) for config in in_order}) == len(in_order)
 
 
 def test_a_trial_waits_for_the_one_a_window_before_it():
     wrapper = searcher(window=2, num_samples=4)
-    assert wrapper.suggest("t0") is not None and wrapper.suggest("t1") is not None
+    first, second = wrapper.suggest("t0"), wrapper.suggest("t1")
     assert wrapper.suggest("t2") is None  # t0 has not finished: proposing now would depend on timing
-    wrapper.on_trial_complete("t1", {METRIC: 0.5})  # a later trial finishing does not release t2
+    wrapper.on_trial_complete("t1", result(second))  # a later trial finishing does not release t2
     assert wrapper.suggest("t2") is None
-    wrapper.on_trial_complete("t0", {METRIC: 0.4})
+    wrapper.on_trial_complete("t0", result(first))
     assert wrapper.suggest("t2") is not None
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_every_window_proposes_exactly_the_budget(window):
-    assert len(sweep(finish_order=[0], window=window, num_samples=5)) == 5
+def test_optuna_hears_complete_pruned_failed_and_diverged_as_each_is():
+    wrapper = searcher(window=5, num_samples=5, epochs=1)
+    configs = {
+        trial_id: wrapper.suggest(trial_id) for trial_id in ("done", "stopped", "crashed", "nan", "waits")
+    }
+    wrapper.on_trial_result("stopped", result(configs["stopped"], epoch=1 / 9))
+    wrapper.on_trial_complete("done", result(configs["done"], epoch=1.0))
+    wrapper.on_trial_complete("stopped", result(configs["stopped"], epoch=1 / 3))  # ASHA's stop at a rung
+    wrapper.on_trial_complete("crashed", None, error=True)
+    wrapper.on_trial_complete("nan", {METRIC: 0.0, DIVERGED: 1.0, EPOCH: 1 / 9, IMAGES_SEEN: 100})
+    wrapper.on_trial_complete("waits", result(configs["waits"]))
+    done, stopped, crashed, nan, waits = wrapper.study.trials
+    assert done.state == TrialState.COMPLETE and done.value == pytest.approx(score(configs["done"]))
+    assert stopped.state == TrialState.PRUNED
+    assert stopped.intermediate_values == {100: score(configs["stopped"]), 300: score(configs["stopped"])}
+    assert crashed.state == TrialState.FAIL and crashed.value is None
+    assert nan.state == TrialState.COMPLETE and nan.value == 0.0  # ranked last, as a finite value
+    assert waits.state == TrialState.COMPLETE
+
+
+def test_earlier_sweeps_trials_seed_the_study_and_those_out_of_range_are_skipped():
+    inside = PastTrial("old", TrialConfig(lr=0.008, momentum=0.6, channel_1=40, channel_2=40), 0.55)
+    outside = PastTrial("old", TrialConfig(lr=0.008, momentum=0.6, channel_1=256, channel_2=40), 0.57)
+    trials, skipped = warm_start_trials(SPACE, [inside, outside])
+    assert skipped == 1 and len(trials) == 1
+    assert trials[0].value == 0.55 and trials[0].params["effective_step"] == pytest.approx(0.02)
+    assert trials[0].user_attrs["warm_start_from"] == "old"

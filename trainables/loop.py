@@ -16,7 +16,7 @@ import ctypes
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +91,21 @@ class EpochResult:
 
 
 @dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    train: EpochResult
+class Report:
+    """Where training stands at a report: how far it has trained, and how it did since the last one."""
+
+    images_seen: int  # in all, across epochs
+    epoch: float  # the same in epochs: whole at an epoch's end
+    train: EpochResult  # over the images since the last report
     val: EpochResult  # the training result itself when training diverged: there is nothing to validate
 
     @property
     def diverged(self) -> bool:
         return self.val.diverged
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.epoch == int(self.epoch)
 
 
 def place_images(images: Tensor, device: torch.device) -> Tensor:
@@ -124,10 +131,12 @@ class Normalizer:
 
 
 class Training:
-    """A model, its optimizer and its images on one device; `epochs` trains them.
+    """A model, its optimizer and its images on one device; `epochs` and `reports` train them.
 
     The seed fixes the initial weights and every epoch's batch order, so a run
-    resumed from a checkpoint sees the batches it would have seen.
+    resumed from a checkpoint sees the batches it would have seen. Training can
+    stop and report anywhere in an epoch (a scheduler decides after a ninth of
+    one, say) and go on from there.
     """
 
     def __init__(
@@ -150,48 +159,79 @@ class Training:
         self.train_labels = splits.train_labels.to(device)
         self.val_images = place_images(splits.val_images, device)
         self.val_labels = splits.val_labels.to(device)
-        # Running sums of one epoch, kept on the device: read once, at the epoch's end.
+        self.epoch_images = len(self.train_labels)
+        self.images_seen = 0  # in all, across epochs
+        self._order: tuple[int, Tensor] | None = None  # an epoch and its batch order, made once
+        # Running sums of a stretch of training, kept on the device: read once, at its end.
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
 
     def load(self, checkpoint: LoadedCheckpoint) -> int:
-        """Continues from a checkpoint (before the first epoch); returns the next epoch."""
+        """Continues from a checkpoint (taken at an epoch's end); returns the next epoch."""
         self.model.load_state_dict(checkpoint.model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.images_seen = checkpoint.epoch * self.epoch_images
         return checkpoint.epoch + 1
 
     def save(self, directory: Path, epoch: int) -> None:
         save_checkpoint(directory, self.spec, self.model, self.optimizer, epoch)
 
-    def epochs(self, first: int, last: int) -> Iterator[EpochReport]:
+    def epochs(self, first: int, last: int) -> Iterator[Report]:
         """Trains and validates epochs first..last; a diverged epoch is the last one reported."""
-        for epoch in range(first, last + 1):
-            train = self.train_epoch(epoch)
-            report = EpochReport(epoch, train, train if train.diverged else self.evaluate())
-            yield report
-            if report.diverged:
+        self.images_seen = (first - 1) * self.epoch_images
+        return self.reports([epoch * self.epoch_images for epoch in range(first, last + 1)])
+
+    def reports(self, points: Sequence[int]) -> Iterator[Report]:
+        """Trains on to each point (images seen in all, rounded up to a whole batch), validating at
+        each; a point is reached within one epoch at most, so each epoch's end is also a point. A
+        diverged stretch is the last one reported."""
+        for point in sorted(points):
+            if point <= self.images_seen:
+                continue
+            train = self.train_to(point)
+            val = train if train.diverged else self.evaluate()
+            yield Report(self.images_seen, self.images_seen / self.epoch_images, train, val)
+            if train.diverged:
                 return
 
     def train_epoch(self, epoch: int) -> EpochResult:
-        """One pass over the training images in the epoch's order.
+        """One whole epoch, whatever was trained before."""
+        self.images_seen = (epoch - 1) * self.epoch_images
+        return self.train_to(epoch * self.epoch_images)
 
-        Stops early when the loss is no longer finite: more steps would only
-        spread NaN through the weights.
+    def train_to(self, point: int) -> EpochResult:
+        """Trains in the current epoch's order until `point` images have been seen in all (or the
+        epoch ends): the result of that stretch.
+
+        Stops early when the loss is no longer finite: more steps would only spread
+        NaN through the weights.
         """
         self.model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(self.train_labels), generator=batch_order(self.seed, epoch))
-        order = order.to(self.device)
+        epoch = self.images_seen // self.epoch_images + 1
+        position = self.images_seen - (epoch - 1) * self.epoch_images
+        stop = min(point - (epoch - 1) * self.epoch_images, self.epoch_images)
+        order = self._epoch_order(epoch)
         self.loss_sum.zero_()
         self.correct.zero_()
         seen = 0
-        for step, start in enumerate(range(0, len(order), self.batch_size), start=1):
-            batch = order[start : start + self.batch_size]
+        step = 0
+        while position < stop:
+            batch = order[position : position + self.batch_size]
             self.step(batch)
+            position += len(batch)
             seen += len(batch)
+            step += 1
             if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.loss_sum):
                 break
+        self.images_seen += seen
         return _result(self.loss_sum, self.correct, seen, started)
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        if self._order is None or self._order[0] != epoch:
+            order = torch.randperm(self.epoch_images, generator=batch_order(self.seed, epoch))
+            self._order = (epoch, order.to(self.device))
+        return self._order[1]
 
     def step(self, batch: Tensor) -> None:
         """One SGD step on the training images the index tensor picks, eagerly."""

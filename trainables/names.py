@@ -11,17 +11,31 @@ METRIC = "val_acc"  # the validation accuracy every sweep maximizes
 MODE = "max"
 
 # What a trial reports at each epoch, and what the MLflow writer logs of it.
-EPOCH = "epoch"  # how far a trial has trained: the step of its metrics, the unit of ASHA's rungs
+EPOCH = "epoch"  # how far a trial has trained, in epochs: fractional between epochs
+IMAGES_SEEN = "images_seen"  # the same in images: the step of a trial's metrics, the unit of ASHA's rungs
 VAL_LOSS = "val_loss"
 TRAIN_LOSS = "train_loss"
 TRAIN_ACC = "train_acc"
 TRAIN_IMAGES_PER_S = "train_images_per_s"
-EPOCH_TIME_S = "epoch_time_s"  # training plus validation: the time a trial spends on its real work
+EPOCH_TIME_S = "epoch_time_s"  # training plus validation since the last report: a trial's real work
 DIVERGED = "diverged"  # 1.0 when the loss stopped being finite; also a tag, "true"
-REPORTED_METRICS = (METRIC, VAL_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_IMAGES_PER_S, EPOCH_TIME_S, DIVERGED)
-PRECISION = (
-    "precision"  # the arithmetic a trial trained in, fp32 or bf16: a param of its run, from its first result
+TRAIN_TFLOP = "train_tflop"  # a trial's cost so far: its training's floating-point operations
+TRIAL_SECONDS = "trial_seconds"  # and its training and validation time
+REPORTED_METRICS = (
+    METRIC,
+    VAL_LOSS,
+    TRAIN_LOSS,
+    TRAIN_ACC,
+    TRAIN_IMAGES_PER_S,
+    EPOCH_TIME_S,
+    EPOCH,
+    DIVERGED,
+    TRAIN_TFLOP,
+    TRIAL_SECONDS,
 )
+PRECISION = "precision"  # fp32 or bf16, as a trial resolved it on its device: logged as a param
+PARAMETERS = "parameters"  # the model's weights and biases, counted: logged as a param
+RUN_PARAMS = (PRECISION, PARAMETERS)  # what a trial reports once, for its run's params
 BEST_METRIC = f"best_{METRIC}"  # a trial's best epoch, the one whose checkpoint is logged
 TEST_ACC = "test_acc"
 TEST_LOSS = "test_loss"
@@ -34,7 +48,7 @@ SPACE_TAG = "space"
 TRIAL_ID_TAG = "trial_id"
 ERROR_TAG = "error"  # the end of the traceback of a trial's last crash
 RETRIES_TAG = "retries"
-RESUMED_AT_TAG = "resumed_at_epoch"
+RESUMED_AT_TAG = "resumed_at_epoch"  # the epoch of a resumed trial's first report
 BEST_RUN_ID_TAG = "best_run_id"
 BEST_TRIAL_ID_TAG = "best_trial_id"
 SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained

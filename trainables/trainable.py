@@ -20,16 +20,21 @@ from ray import tune
 from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import TrialConfig
 from trainables.data import ImageSplits
-from trainables.loop import EpochReport, Training
+from trainables.loop import Report, Training
+from trainables.model import training_flops_per_image
 from trainables.names import (
     DIVERGED,
     EPOCH,
     EPOCH_TIME_S,
+    IMAGES_SEEN,
     METRIC,
+    PARAMETERS,
     PRECISION,
     TRAIN_ACC,
     TRAIN_IMAGES_PER_S,
     TRAIN_LOSS,
+    TRAIN_TFLOP,
+    TRIAL_SECONDS,
     VAL_LOSS,
 )
 
@@ -43,9 +48,20 @@ class TrialSettings:
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
     precision: str = "auto"  # one of trainables.config.PRECISIONS
+    # Where a trial reports besides each epoch's end, as fractions of all its training: the
+    # scheduler's rungs, so it can stop a weak trial after a ninth of an epoch, say.
+    rungs: tuple[float, ...] = ()
+
+    def report_points(self, epoch_images: int) -> list[int]:
+        """Images seen at each report: every rung, every epoch's end."""
+        total = self.max_epochs * epoch_images
+        points = {round(fraction * total) for fraction in self.rungs}
+        return sorted(points | {epoch * epoch_images for epoch in range(1, self.max_epochs + 1)})
 
 
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
+    """Trains one config to the sweep's end, reporting at each rung and epoch's end; a checkpoint
+    at each epoch's end only, which is where a resumed trial goes on from."""
     # Ray logs every persisted and every restored checkpoint at INFO level, to the console.
     for logger in ("ray.train._internal.storage", "ray.tune.trainable.trainable"):
         logging.getLogger(logger).setLevel(logging.WARNING)
@@ -55,26 +71,33 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
         TrialConfig.from_dict(config), splits.input_shape, splits.classes, splits.mean, splits.std
     )
     training = Training(spec, splits, settings.seed, device, settings.precision)
-
-    first_epoch = 1
+    flops = training_flops_per_image(spec.config, spec.input_shape, spec.num_classes)
+    about = {
+        PRECISION: training.precision,
+        PARAMETERS: sum(weight.numel() for weight in training.model.parameters()),
+    }
+    spent_s = 0.0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            first_epoch = training.load(load_checkpoint(Path(directory)))
+            training.load(load_checkpoint(Path(directory)))
 
-    for report in training.epochs(first_epoch, settings.max_epochs):
+    for report in training.reports(settings.report_points(training.epoch_images)):
+        spent_s += report.train.seconds + report.val.seconds
+        cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: spent_s}
+        results = {**_metrics(report), **cost, **about}
         if report.diverged:
-            tune.report(
-                {METRIC: WORST_ACCURACY, DIVERGED: 1.0, EPOCH: report.epoch, PRECISION: training.precision}
-            )
+            tune.report({**results, METRIC: WORST_ACCURACY, DIVERGED: 1.0})
             return
+        if not report.at_epoch_end:
+            tune.report(results)
+            continue
         with tempfile.TemporaryDirectory() as directory:
-            training.save(Path(directory), report.epoch)
-            results = {**_epoch_metrics(report), PRECISION: training.precision}
+            training.save(Path(directory), int(report.epoch))
             tune.report(results, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def _epoch_metrics(report: EpochReport) -> dict[str, float]:
+def _metrics(report: Report) -> dict[str, float]:
     train, val = report.train, report.val
     return {
         METRIC: val.accuracy,
@@ -84,6 +107,7 @@ def _epoch_metrics(report: EpochReport) -> dict[str, float]:
         TRAIN_IMAGES_PER_S: train.images_per_s,
         EPOCH_TIME_S: train.seconds + val.seconds,
         EPOCH: report.epoch,
+        IMAGES_SEEN: report.images_seen,
         DIVERGED: 0.0,
     }
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,11 +22,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from search.sweep.progress import SweepProgress
-from search.sweep.searcher import make_searcher
+from search.sweep.searcher import make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
 from search.sweep.signals import StopSignals
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
+from search.tracking.history import finished_trials
 from search.tracking.store import (
     TRACKING_ERRORS,
     ImageDataset,
@@ -33,6 +35,7 @@ from search.tracking.store import (
     best_child_run,
     child_runs,
     default_tracking_uri,
+    get_or_create_experiment,
     is_diverged,
     open_store,
     start_sweep_run,
@@ -41,7 +44,7 @@ from search.tracking.store import (
 from spaces import SearchSpace, get_space
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
-from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE
+from trainables.names import BEST_METRIC, ERROR_TAG, IMAGES_SEEN, METRIC, MODE
 from trainables.trainable import TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
@@ -60,6 +63,7 @@ class SweepOutcome:
     parent_run_id: str
     best_run_id: str | None
     best_accuracy: float | None
+    val_size: int  # the validation images the accuracies were measured on
     best_config: dict[str, Any]
     trial_statuses: dict[str, int]
     interrupted: bool  # stopped by Ctrl-C or a stop signal before every trial ended
@@ -67,6 +71,8 @@ class SweepOutcome:
     diverged: int  # trials stopped because their loss stopped being finite
     no_best_reason: str = ""  # when no trial has a best checkpoint: why, in words
     stop_signal: int | None = None  # SIGTERM or SIGHUP, when one stopped the sweep
+    warm_start: int = 0  # earlier sweeps' finished trials the sampler started from
+    warm_start_skipped: int = 0  # those left out, their params outside the space's current ranges
     storage_error: str | None = None  # Tune's storage failed (a full disk, say): what it said
 
 
@@ -134,15 +140,17 @@ def _sweep(
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
     )
+    params = _sweep_params(settings, gpus_per_trial)
     try:
         client = open_store(tracking_uri)
+        past = []
+        if settings.warm_start and not settings.resume:  # a resume's study has them already
+            experiment_id = get_or_create_experiment(client, settings.experiment_name)
+            past = finished_trials(client, experiment_id, space.name, settings.sweep_name, params)
+        warm_start, skipped = warm_start_trials(space, past)
+        params.update(warm_start_trials=len(warm_start), warm_start_skipped=skipped)
         sweep_run = start_sweep_run(
-            client,
-            settings.experiment_name,
-            settings.sweep_name,
-            space.name,
-            _sweep_params(settings, gpus_per_trial),
-            datasets,
+            client, settings.experiment_name, settings.sweep_name, space.name, params, datasets
         )
     except TRACKING_ERRORS as error:  # nothing has run yet: a store that refuses us is bad input
         raise InputError(
@@ -150,13 +158,17 @@ def _sweep(
         ) from None
     if not settings.resume:
         settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
+    deadline = time.time() + settings.time_budget_s if settings.time_budget_s is not None else None
 
     resourced = tune.with_resources(
         tune.with_parameters(
             trainable,
             splits=splits,
             settings=TrialSettings(
-                max_epochs=settings.epochs, seed=settings.seed, precision=settings.precision
+                max_epochs=settings.epochs,
+                seed=settings.seed,
+                precision=settings.precision,
+                rungs=settings.rung_fractions,
             ),
         ),
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
@@ -170,6 +182,7 @@ def _sweep(
         settings.epochs,
         settings.journal,
         rebuild=settings.resume,
+        deadline=deadline,
     )
     stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
     callbacks: list[tune.Callback] = [tracker]
@@ -191,8 +204,8 @@ def _sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=make_searcher(space, settings, trials_at_once),
-                scheduler=_scheduler(settings),
+                search_alg=make_searcher(space, settings, trials_at_once, warm_start, deadline),
+                scheduler=_scheduler(settings, len(splits.train_labels)),
                 num_samples=settings.num_samples,
                 # Also lets Tune start that many trials at once: with a searcher it would
                 # otherwise start one, wait for it to run, then start the next.
@@ -230,6 +243,7 @@ def _sweep(
     except TRACKING_ERRORS as error:
         raise TrackingFailed(first_line(error)) from None
     outcome.stop_signal = stop.received
+    outcome.warm_start, outcome.warm_start_skipped = len(warm_start), skipped
     # A trial's own ENOSPC says more than the EOFError Tune then meets reading back its files.
     full = next((error for error in tracker.errors if any(words in error for words in STORAGE_FULL)), None)
     outcome.storage_error = first_line(full.strip().splitlines()[-1]) if full else storage_error
@@ -257,11 +271,15 @@ def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
     return max(1, min(fits, settings.num_samples))
 
 
-def _scheduler(settings: SweepSettings) -> TrialScheduler:
+def _scheduler(settings: SweepSettings, epoch_images: int) -> TrialScheduler:
     if settings.scheduler == "fifo":
         return FIFOScheduler()
-    # Rungs count epochs, the unit trials report in.
-    return ASHAScheduler(time_attr="epoch", max_t=settings.epochs, grace_period=1, reduction_factor=3)
+    # Rungs count images seen, so they can fall inside an epoch; the trials report at each.
+    full = settings.epochs * epoch_images
+    first_rung = round(settings.rung_fractions[0] * full) if settings.rung_fractions else full
+    return ASHAScheduler(
+        time_attr=IMAGES_SEEN, max_t=full, grace_period=first_rung, reduction_factor=settings.reduction_factor
+    )
 
 
 def start_ray(address: str | None, output: str) -> bool:
@@ -321,6 +339,7 @@ def _outcome(
         parent_run_id=parent_run_id,
         best_run_id=best.info.run_id if best else None,
         best_accuracy=best.data.metrics[BEST_METRIC] if best else None,
+        val_size=settings.data.val_size,
         best_config=dict(best.data.params) if best else {},
         trial_statuses=dict(status_counts(children)),
         interrupted=parent.info.status == "KILLED",

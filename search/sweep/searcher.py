@@ -1,116 +1,202 @@
-"""How a sweep proposes its trials: Optuna's sampler behind Tune, in an order fixed by the seed.
+"""How a sweep proposes its trials: an Optuna study behind Tune, told honestly, in an order the seed fixes.
 
-`make_searcher` builds the sweep's searcher. The study lives in an Optuna
-storage beside the sweep's folder (where that folder is local), so
-`optuna.load_study` and optuna-dashboard read it like any Optuna study.
+`SweepSearcher` is Tune's searcher for a sweep. It owns an Optuna study (in an
+Optuna storage beside the sweep's folder where that folder is local, so
+`optuna.load_study` and optuna-dashboard read it) and tells it what happened to
+each trial as Optuna means it:
 
-`InOrderSearcher` makes parallel sweeps reproducible from their seed.
+- COMPLETE with its last value, for a trial that trained to the end (a diverged
+  trial too: it ends at once and reports 0.0, a finite value the sampler can rank);
+- PRUNED, with its value at each report as intermediate values, for a trial the
+  scheduler stopped early: its score at a low fidelity is not a final score;
+- FAIL, for a trial that crashed.
 
-With trials running in parallel, a model-based sampler such as TPE proposes each
-trial from whichever trials happen to have finished: timing decides the configs.
-`InOrderSearcher` removes the timing. The searcher it wraps hears of finished
-trials strictly in the order it proposed them, and proposes trial k only when
-trials 0 .. k - window have finished, telling it exactly those. So trial k is
-always proposed from the same finished trials (and the same running ones), and
-the same seed gives the same configs.
-
-The cost: trial k waits for trial k - window even when a later one has finished.
-A window of one more than the trials at once keeps a proposal ready for the next
-free slot, unless two trials finish out of order in a row.
+In order: with trials running in parallel, a model-based sampler would propose each
+trial from whichever trials happen to have finished, so timing would decide the
+configs. Here the study hears of finished trials strictly in the order they were
+proposed, and trial k is proposed only when trials 0 .. k - window have finished,
+from exactly those. So the same seed gives the same configs. The cost: trial k waits
+for trial k - window even when a later one has finished; a window of one more than
+the trials at once keeps a proposal ready for the next free slot, unless two trials
+finish out of order in a row.
 """
 
 from __future__ import annotations
 
-import copy
+import math
+import pickle
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from search.sweep.settings import SweepSettings
+from search.tracking.history import PastTrial
 from spaces import SearchSpace
-from trainables.names import METRIC, MODE
+from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, MODE
 
 
-def make_searcher(space: SearchSpace, settings: SweepSettings, trials_at_once: int) -> InOrderSearcher:
-    sampler = optuna.samplers.TPESampler(
-        seed=settings.seed,
-        # Random warm-up in proportion to the budget: Optuna's fixed 10 would leave an
-        # 8-trial sweep entirely random.
-        n_startup_trials=min(10, max(2, settings.num_samples // 3)),
-        multivariate=True,  # widths and weight decay interact: model them jointly
+def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
+    """The sampler of --sampler, seeded; model-based ones start from random trials in proportion
+    to the budget (Optuna's fixed 10 would leave a small sweep entirely random)."""
+    startup = min(10, max(2, num_samples // 4))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=startup,
+        multivariate=True,  # widths, step and weight decay interact: model them jointly
         constant_liar=True,  # parallel trials: do not propose the same point twice
     )
-    storage = settings.optuna_journal
-    if storage is not None:
-        Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    optuna_search = OptunaSearch(
-        space=space.define,
-        metric=METRIC,
-        mode=MODE,
-        points_to_evaluate=[space.first_point],
-        sampler=sampler,
+
+
+def warm_start_trials(space: SearchSpace, past: list[PastTrial]) -> tuple[list[FrozenTrial], int]:
+    """Earlier sweeps' trials as Optuna's, for the study to learn from; and how many were skipped,
+    their params outside the space's current ranges."""
+    distributions = space.distributions()
+    trials, skipped = [], 0
+    for trial in past:
+        values = space.searched_values(trial.config)
+        if not all(_within(distributions[name], values.get(name)) for name in distributions):
+            skipped += 1
+            continue
+        attrs = {"warm_start_from": trial.sweep}
+        trials.append(
+            create_trial(params=values, distributions=distributions, value=trial.value, user_attrs=attrs)
+        )
+    return trials, skipped
+
+
+def _within(distribution: BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    return value is not None and distribution.low <= value <= distribution.high  # type: ignore[attr-defined]
+
+
+def make_searcher(
+    space: SearchSpace,
+    settings: SweepSettings,
+    trials_at_once: int,
+    history: list[FrozenTrial],
+    deadline: float | None,
+) -> SweepSearcher:
+    """The sweep's searcher, its study seeded with the space's first point and earlier sweeps' trials."""
+    journal = settings.optuna_journal
+    storage = None
+    if journal is not None:
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(journal))
+    study = optuna.create_study(
         study_name=settings.sweep_name,
-        storage=JournalStorage(JournalFileBackend(storage)) if storage is not None else None,
+        storage=storage,
+        sampler=make_sampler(settings.sampler, settings.seed, settings.num_samples),
+        direction="maximize" if MODE == "max" else "minimize",
     )
-    # The same seed gives the same configs, however the parallel trials' timing falls. One more
-    # than the trials at once, so the next proposal is ready when any trial frees its slot: with
-    # exactly that many, a trial ending before an earlier one left its slot idle (and its actor
-    # released) until the earlier one ended, measured at +0.08 on the benchmark's overhead.
-    return InOrderSearcher(optuna_search, window=trials_at_once + 1, num_samples=settings.num_samples)
+    study.add_trials(history)
+    study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
+    return SweepSearcher(space, study, settings.epochs, trials_at_once + 1, settings.num_samples, deadline)
 
 
-class InOrderSearcher(Searcher):
-    def __init__(self, searcher: Searcher, window: int, num_samples: int) -> None:
-        self.searcher = searcher
+@dataclass
+class _Ledger:
+    """What the searcher keeps besides the study: the order of proposals and what came back."""
+
+    proposed: list[str] = field(default_factory=list)  # Tune trial ids, in the order proposed
+    trials: dict[str, optuna.Trial] = field(default_factory=dict)  # Tune trial id -> Optuna's trial
+    reports: dict[str, dict[int, float]] = field(default_factory=dict)  # id -> images seen -> value
+    finished: dict[str, tuple[dict | None, bool]] = field(default_factory=dict)  # not yet told
+    told: int = 0  # proposed[:told] have been told to the study
+
+
+class SweepSearcher(Searcher):
+    def __init__(
+        self,
+        space: SearchSpace,
+        study: optuna.Study,
+        epochs: int,
+        window: int,
+        num_samples: int,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self.space = space
+        self.study = study
+        self.epochs = epochs  # a trial that reports this many epochs trained to the end
         self.window = window  # proposals that may be out at once: trial k waits for k - window
         self.num_samples = num_samples
-        self.proposed: list[str] = []  # trial ids, in the order they were proposed
-        self.finished: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told
-        self.told = 0  # proposed[:told] have been told to the wrapped searcher
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.deadline = deadline  # wall-clock time after which no trial is proposed (--time-budget)
+        self.ledger = _Ledger()
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
+        return True  # the metric and mode are the sweep's own, fixed
 
-    def suggest(self, trial_id: str) -> dict | None:
-        must_know = len(self.proposed) - self.window + 1  # trials 0 .. k - window, for trial k
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return Searcher.FINISHED  # the time budget is spent: the trials under way end the sweep
+        ledger = self.ledger
+        must_know = len(ledger.proposed) - self.window + 1  # trials 0 .. k - window, for trial k
         self._tell_up_to(must_know)
-        if self.told < must_know:
+        if ledger.told < must_know or len(ledger.proposed) >= self.num_samples:
             return None  # Tune asks again once a trial finishes
-        suggestion = self.searcher.suggest(trial_id)
-        if suggestion not in (None, Searcher.FINISHED):
-            self.proposed.append(trial_id)
-        return suggestion
+        trial = self.study.ask()
+        config = self.space.config_for(trial)
+        ledger.proposed.append(trial_id)
+        ledger.trials[trial_id] = trial
+        ledger.reports[trial_id] = {}
+        return config.to_dict()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
+        if trial_id in self.ledger.reports and METRIC in result and IMAGES_SEEN in result:
+            self.ledger.reports[trial_id][int(result[IMAGES_SEEN])] = float(result[METRIC])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.finished[trial_id] = (result, error)
-        if len(self.proposed) >= self.num_samples:  # nothing more to propose: tell all, in order
-            self._tell_up_to(len(self.proposed))
+        if result is not None:  # the last report comes here, not through on_trial_result
+            self.on_trial_result(trial_id, result)
+        self.ledger.finished[trial_id] = (result, error)
+        if len(self.ledger.proposed) >= self.num_samples:  # nothing more to propose: tell all, in order
+            self._tell_up_to(len(self.ledger.proposed))
 
     def _tell_up_to(self, count: int) -> None:
-        while self.told < count and self.proposed[self.told] in self.finished:
-            trial_id = self.proposed[self.told]
-            result, error = self.finished.pop(trial_id)
-            self.searcher.on_trial_complete(trial_id, result=result, error=error)
-            self.told += 1
+        ledger = self.ledger
+        while ledger.told < count and ledger.proposed[ledger.told] in ledger.finished:
+            trial_id = ledger.proposed[ledger.told]
+            self._tell(trial_id, *ledger.finished.pop(trial_id))
+            ledger.told += 1
 
-    # Tune saves a wrapper's own state with get_state, and the wrapped searcher on its own.
-    def get_state(self) -> dict:
-        return copy.deepcopy({key: value for key, value in self.__dict__.items() if key != "searcher"})
+    def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
+        trial = self.ledger.trials.pop(trial_id)
+        for images_seen, value in sorted(self.ledger.reports.pop(trial_id).items()):
+            trial.report(value, images_seen)
+        state, value = outcome(result, error, self.epochs)
+        self.study.tell(trial, value, state=state)
 
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
+    # Tune saves a searcher with `save` and brings it back on restore with `restore`.
     def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path)
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__, file)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+
+
+def outcome(result: dict | None, error: bool, epochs: int) -> tuple[TrialState, float | None]:
+    """How Optuna should see a trial that Tune finished with this last result."""
+    if error:
+        return TrialState.FAIL, None
+    if result is None or METRIC not in result or not math.isfinite(float(result[METRIC])):
+        return TrialState.PRUNED, None  # stopped before it reported anything
+    if result.get(DIVERGED):
+        return TrialState.COMPLETE, float(result[METRIC])  # 0.0: a finite value, ranked last
+    if float(result.get(EPOCH, 0)) < epochs - 1e-9:
+        return TrialState.PRUNED, None  # the scheduler stopped it early: its reports tell how far it got
+    return TrialState.COMPLETE, float(result[METRIC])

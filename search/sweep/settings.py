@@ -22,6 +22,7 @@ from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
 
 SCHEDULERS = ("asha", "fifo")
+SAMPLERS = ("tpe", "gp", "random")  # Optuna's multivariate TPE, its Gaussian-process sampler, random search
 # What `search.run` shows while it sweeps: one status line (default), Tune's own tables
 # (--verbose), or nothing but the final summary (--quiet).
 OUTPUTS = ("progress", "verbose", "quiet")
@@ -34,8 +35,15 @@ class SweepSettings:
     space: str
     data: DataSettings = field(default_factory=DataSettings)
     epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
-    num_samples: int = 8
+    # 30 trials with ASHA's rungs at a ninth, a third and all of an epoch cost about 30 x 7/27 = 8
+    # epochs of training, what 8 one-epoch trials cost before there were rungs within an epoch.
+    num_samples: int = 30
     scheduler: str = "asha"
+    rungs: int = 3  # ASHA's: each reduction_factor times the last, the last at all the training
+    reduction_factor: int = 3  # of the trials at a rung, 1 in this many goes on to the next
+    sampler: str = "tpe"  # one of SAMPLERS
+    warm_start: bool = True  # start from the finished trials of earlier sweeps like this one
+    time_budget_s: float | None = None  # after this, no new trial starts; those under way end
     seed: int = 0
     precision: str = "auto"  # one of trainables.loop.PRECISIONS
     gpus_per_trial: float | None = None  # None: search.sweep's GPUS_PER_TRIAL_WHEN_PRESENT with GPUs
@@ -56,6 +64,10 @@ class SweepSettings:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.rungs >= 1, f"--rungs must be >= 1, got {self.rungs}"),
+            (self.reduction_factor >= 2, f"--reduction-factor must be >= 2, got {self.reduction_factor}"),
+            (self.time_budget_s is None or self.time_budget_s > 0, "--time-budget must be more than 0"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}"),
             (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
@@ -96,6 +108,13 @@ class SweepSettings:
         return StoredFile(join(self.storage, f"{self.sweep_name}.mlflow-pending.json"))
 
     @property
+    def rung_fractions(self) -> tuple[float, ...]:
+        """Where ASHA decides, below the end, as fractions of a trial's training (none under FIFO)."""
+        if self.scheduler != "asha":
+            return ()
+        return tuple(self.reduction_factor**-level for level in range(self.rungs - 1, 0, -1))
+
+    @property
     def identity_file(self) -> StoredFile:
         """What the sweep is (`identity`), recorded beside its folder when it starts."""
         return StoredFile(join(self.storage, f"{self.sweep_name}.sweep.json"))
@@ -117,6 +136,9 @@ class SweepSettings:
             "--epochs": self.epochs,
             "--num-samples": self.num_samples,
             "--scheduler": self.scheduler,
+            "--rungs": self.rungs,
+            "--reduction-factor": self.reduction_factor,
+            "--sampler": self.sampler,
             "--experiment": self.experiment_name,
         }
 

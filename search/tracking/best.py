@@ -23,6 +23,7 @@ from trainables.names import (
     SWEEP_SETTINGS_ARTIFACT,
     SWEEP_TAG,
 )
+from trainables.stats import wilson_interval
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +72,7 @@ class BestTrial:
                 "normalization": {"mean": list(self.spec.mean), "std": list(self.spec.std)},
             },
             METRIC: self.val_acc,
+            f"{METRIC}_interval_95": list(wilson_interval(self.val_acc, self.data.val_size)),
             "mlflow": {
                 "tracking_uri": self.tracking_uri,
                 "run_id": self.run_id,

@@ -25,8 +25,8 @@ from search.tracking.writer import (
     EndTrial,
     FinishSweep,
     LogCheckpoint,
-    LogEpoch,
     LogParams,
+    LogReport,
     MlflowWriter,
     StartTrial,
     SweepRun,
@@ -34,7 +34,16 @@ from search.tracking.writer import (
 )
 from spaces import get_space
 from trainables.config import TrialConfig
-from trainables.names import DIVERGED, EPOCH, ERROR_TAG, METRIC, PRECISION, REPORTED_METRICS, RETRIES_TAG
+from trainables.names import (
+    DIVERGED,
+    EPOCH,
+    ERROR_TAG,
+    IMAGES_SEEN,
+    METRIC,
+    REPORTED_METRICS,
+    RETRIES_TAG,
+    RUN_PARAMS,
+)
 
 
 def final_status(trial: Any, max_epochs: int) -> str:
@@ -58,11 +67,9 @@ def run_name(trial: Any, space: str) -> str:
     The number is the order Tune created the trial in (the start of its experiment
     tag), which a resume keeps: the name is unique in its sweep, and stable.
     """
-    config = TrialConfig.from_dict(trial.config)
-    values = config.to_dict()
-    searched = sorted(get_space(space).searched_at(config))
+    searched = get_space(space).searched_values(TrialConfig.from_dict(trial.config))
     number = int(trial.experiment_tag.split("_", 1)[0])
-    return " ".join([f"{number:03d}", *(f"{name}={_short(values[name])}" for name in searched)])
+    return " ".join([f"{number:03d}", *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
 
 
 def _short(value: Any) -> str:
@@ -87,6 +94,7 @@ class SweepTracker(tune.Callback):
         max_epochs: int,
         journal: StoredFile,
         rebuild: bool = False,
+        deadline: float | None = None,
     ) -> None:
         self.settings = {
             "tracking_uri": tracking_uri,
@@ -96,7 +104,9 @@ class SweepTracker(tune.Callback):
             "max_epochs": max_epochs,
             "journal": journal,
             "rebuild": rebuild,
+            "deadline": deadline,
         }
+        self.deadline = deadline  # when the time budget ends: fewer trials then is no interruption
         self.space = space
         self.num_samples = num_samples  # fewer trials at the end means the sweep was cut off
         self.max_epochs = max_epochs
@@ -106,7 +116,7 @@ class SweepTracker(tune.Callback):
         self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep), Journal(journal))
         self.open_trials: dict[str, None] = {}  # started and not ended, in the order they started
         self.errors: list[str] = []  # the errors of the trials that failed in this run
-        self.precision_logged: set[str] = set()
+        self.params_logged: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return self.settings
@@ -130,18 +140,19 @@ class SweepTracker(tune.Callback):
         self.queue.submit(StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        step = int(result.get(EPOCH, result.get("training_iteration", 0)))
-        if PRECISION in result and trial.trial_id not in self.precision_logged:
-            self.precision_logged.add(trial.trial_id)
-            self.queue.submit(LogParams(trial.trial_id, {PRECISION: str(result[PRECISION])}))
-        self.queue.submit(LogEpoch(trial.trial_id, step, _finite_metrics(result), int(time.time() * 1000)))
+        step = int(result.get(IMAGES_SEEN, result.get("training_iteration", 0)))
+        if trial.trial_id not in self.params_logged:  # what it tells once, of itself
+            self.params_logged.add(trial.trial_id)
+            params = {name: str(result[name]) for name in RUN_PARAMS if name in result}
+            self.queue.submit(LogParams(trial.trial_id, params))
+        self.queue.submit(LogReport(trial.trial_id, step, _finite_metrics(result), int(time.time() * 1000)))
         if result.get(DIVERGED):
             self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         accuracy = trial.last_result.get(METRIC)
         if accuracy is not None:
-            step = int(trial.last_result.get(EPOCH, 0))
+            step = int(trial.last_result.get(IMAGES_SEEN, 0))
             self.queue.submit(LogCheckpoint(trial.trial_id, checkpoint.path, accuracy, step))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -168,7 +179,8 @@ class SweepTracker(tune.Callback):
         for trial_id, status in statuses.items():
             self.queue.submit(EndTrial(trial_id, status, only_if_started=True))
         self.open_trials.clear()
-        self._finish("KILLED" in statuses.values() or len(trials) < self.num_samples)
+        budget_spent = self.deadline is not None and time.time() >= self.deadline
+        self._finish("KILLED" in statuses.values() or (len(trials) < self.num_samples and not budget_spent))
 
     def finish_after_a_crash(self) -> None:
         """When Tune itself failed (its storage full, or Ray gone under a stop signal) and so never
@@ -208,9 +220,9 @@ class SweepTracker(tune.Callback):
             StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config), reopen=False)
         )
         for result in results:
-            step = int(result.get(EPOCH, 0))
+            step = int(result.get(IMAGES_SEEN, 0))
             timestamp_ms = int(result["timestamp"] * 1000)
-            self.queue.submit(LogEpoch(trial.trial_id, step, _finite_metrics(result), timestamp_ms))
+            self.queue.submit(LogReport(trial.trial_id, step, _finite_metrics(result), timestamp_ms))
             if result.get(DIVERGED):
                 self.queue.submit(TagTrial(trial.trial_id, {DIVERGED: "true"}))
             if result.get("checkpoint_dir_name"):  # logged if still on disk and the best so far

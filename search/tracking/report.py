@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
@@ -52,8 +52,11 @@ from trainables.names import (
     SWEEP_TAG,
     TRIAL_TABLE_ARTIFACT,
 )
+from trainables.stats import wilson_interval
 
 TOP_TRIALS = 5  # learning curves and summary rows
+# What importance and the slice plot rank: every trial reaches its first report, at one fidelity.
+FIRST_REPORT = f"{METRIC} at the first report"
 DPI = 100
 
 
@@ -65,33 +68,45 @@ def importance_evaluators() -> dict[str, optuna.importance.BaseImportanceEvaluat
 
 @dataclass(frozen=True)
 class ScoredTrial:
-    """A child run that finished at least one epoch, with what the report needs of it."""
+    """A child run that reported at least once, with what the report needs of it."""
 
     run: Run
-    config: TrialConfig
-    accuracy: float  # its best epoch's validation accuracy
+    searched: dict[str, Any]  # the values the space searched for it
+    history: list[tuple[int, float]]  # (images seen, validation accuracy) at each report
     diverged: bool
 
     @property
     def name(self) -> str:
         return self.run.info.run_name
 
+    @property
+    def first(self) -> float:
+        """At the first report, which every trial reaches: a score at the same fidelity for all."""
+        return self.history[0][1]
+
+    @property
+    def accuracy(self) -> float:
+        """The best epoch's (the checkpoint's), or for a trial stopped before an epoch's end its last."""
+        return self.run.data.metrics.get(BEST_METRIC, self.history[-1][1])
+
 
 def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -> None:
     """Computes the report from the sweep's runs and logs it as artifacts of the parent run."""
     space = get_space(parent.data.tags[SPACE_TAG])
-    scored = scored_trials(children)
-    distributions = searched_distributions(space, scored)
-    top = sorted(scored, key=lambda trial: -trial.accuracy)[:TOP_TRIALS]
+    scored = scored_trials(client, space, children)
+    distributions = space.distributions()
+    top = sorted(scored, key=lambda trial: (-trial.accuracy, trial.run.info.start_time))[:TOP_TRIALS]
+    val_size = int(parent.data.params.get("data_val_size", 0))
     with _quiet_optuna():
         study = sweep_study(scored, distributions)
         importance = param_importance(study, distributions)
-        curves = sweep_study(top, distributions, client)
+        curves = sweep_study(top, distributions)
         with tempfile.TemporaryDirectory() as directory:
             folder = Path(directory)
             (folder / IMPORTANCE_JSON).write_text(json.dumps(importance, indent=2) + "\n")
             plot_importance(importance).savefig(folder / IMPORTANCE_PNG)
-            _save_optuna_plot(optuna_plots.plot_slice(study, target_name=BEST_METRIC), folder / ACCURACY_PNG)
+            slices = optuna_plots.plot_slice(study, target_name=FIRST_REPORT)
+            _save_optuna_plot(slices, folder / ACCURACY_PNG)
             _save_optuna_plot(optuna_plots.plot_intermediate_values(curves), folder / CURVES_PNG)
             pq.write_table(trial_table(children), folder / TRIAL_TABLE_ARTIFACT)
             try:
@@ -99,58 +114,33 @@ def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -
                 best_note = f"`{BEST_JSON}` holds the best config, as `search.export` writes it."
             except InputError as error:  # no trial has a best checkpoint
                 best_note = f"No `{BEST_JSON}`: {error}."
-            summary = summary_markdown(parent, children, top, distributions, importance, best_note)
+            summary = summary_markdown(parent, children, top, distributions, importance, best_note, val_size)
             (folder / SUMMARY_MD).write_text(summary)
             client.log_artifacts(parent.info.run_id, str(folder))
 
 
-def scored_trials(children: list[Run]) -> list[ScoredTrial]:
-    return [
-        ScoredTrial(
-            run=run,
-            config=TrialConfig.from_params(run.data.params),
-            accuracy=run.data.metrics[BEST_METRIC],
-            diverged=is_diverged(run),
-        )
-        for run in children
-        if BEST_METRIC in run.data.metrics
-    ]
+def scored_trials(client: MlflowClient, space: SearchSpace, children: list[Run]) -> list[ScoredTrial]:
+    trials = []
+    for run in children:
+        points = client.get_metric_history(run.info.run_id, METRIC)
+        history = sorted((point.step, point.value) for point in points)
+        if history:
+            searched = space.searched_values(TrialConfig.from_params(run.data.params))
+            trials.append(ScoredTrial(run, searched, history, is_diverged(run)))
+    return trials
 
 
-def searched_distributions(space: SearchSpace, trials: list[ScoredTrial]) -> dict[str, BaseDistribution]:
-    """Each searched hyperparameter's distribution, widened to cover every trial's own.
-
-    Importance needs one distribution per parameter, but a space's range may move with
-    another parameter (nesterov's lr with momentum): the union of the ranges covers them all.
-    """
-    merged: dict[str, BaseDistribution] = {}
-    for trial in trials:
-        for name, distribution in space.searched_at(trial.config).items():
-            merged[name] = _widen(merged[name], distribution) if name in merged else distribution
-    return merged
-
-
-def _widen(first: BaseDistribution, second: BaseDistribution) -> BaseDistribution:
-    if isinstance(first, CategoricalDistribution) and isinstance(second, CategoricalDistribution):
-        return CategoricalDistribution(list(dict.fromkeys([*first.choices, *second.choices])))
-    low, high = min(first.low, second.low), max(first.high, second.high)  # type: ignore[attr-defined]
-    return type(first)(low=low, high=high, log=first.log, step=first.step)  # type: ignore[attr-defined,call-arg]
-
-
-def sweep_study(
-    trials: list[ScoredTrial], distributions: dict[str, BaseDistribution], client: MlflowClient | None = None
-) -> optuna.Study:
-    """The trials as an in-memory Optuna study; with a client, each with its accuracy per epoch."""
+def sweep_study(trials: list[ScoredTrial], distributions: dict[str, BaseDistribution]) -> optuna.Study:
+    """The trials as an in-memory Optuna study: each valued at its first report, where all trials
+    stand at the same fidelity, with its later reports as intermediate values."""
     study = optuna.create_study(direction="maximize")
     for trial in trials:
-        values = trial.config.to_dict()
-        history = client.get_metric_history(trial.run.info.run_id, METRIC) if client is not None else []
         study.add_trial(
             optuna.trial.create_trial(
-                params={name: values[name] for name in distributions},
+                params={name: trial.searched[name] for name in distributions},
                 distributions=distributions,
-                value=trial.accuracy,
-                intermediate_values={point.step: point.value for point in history},
+                value=trial.first,
+                intermediate_values=dict(trial.history),
                 user_attrs={"run_name": trial.name},
             )
         )
@@ -160,7 +150,7 @@ def sweep_study(
 def param_importance(study: optuna.Study, distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
     """Importances by each evaluator (they sum to 1), with notes where one could not say."""
     report: dict[str, Any] = {
-        "target": BEST_METRIC,
+        "target": FIRST_REPORT,
         "trials": len(study.trials),
         "params": sorted(distributions),
         "evaluators": {},
@@ -244,6 +234,7 @@ def summary_markdown(
     distributions: dict[str, BaseDistribution],
     importance: dict[str, Any],
     best_note: str,
+    val_size: int,
 ) -> str:
     diverged = sum(map(is_diverged, children))
     statuses = sorted(status_counts(children).items())
@@ -259,13 +250,23 @@ def summary_markdown(
     params = sorted(distributions)
     if top:
         best = top[0]
+        low, high = wilson_interval(best.accuracy, val_size)
         run = f"run `{best.name}` ({best.run.info.run_id})"
-        lines += [f"Best validation accuracy: **{best.accuracy:.4f}**, {run}."]
+        lines += [f"Best validation accuracy: **{best.accuracy:.4f}** (95% interval {low:.4f}-{high:.4f} "
+                  f"on {val_size} images), {run}."]  # fmt: skip
+        close = [trial for trial in top[1:] if trial.accuracy >= low]
+        if close:
+            lines += [f"The top {len(close) + 1} trials are within noise of each other: their accuracies "
+                      "fall in the best one's interval, so the validation set cannot rank them."]  # fmt: skip
         lines += ["", "## Top trials", "", _row(["rank", "run", BEST_METRIC, *params])]
         lines.append(_row(["---"] * (3 + len(params))))
         for rank, trial in enumerate(top, start=1):
-            values = trial.config.to_dict()
-            cells = [str(rank), trial.name, f"{trial.accuracy:.4f}", *(_fmt(values[p]) for p in params)]
+            cells = [
+                str(rank),
+                trial.name,
+                f"{trial.accuracy:.4f}",
+                *(_fmt(trial.searched[p]) for p in params),
+            ]
             lines.append(_row(cells))
         lines.append("")
     evaluators = importance["evaluators"]

@@ -26,6 +26,7 @@ from trainables.names import (
     BEST_RUN_ID_TAG,
     BEST_TRIAL_ID_TAG,
     CHECKPOINT_ARTIFACT,
+    EPOCH,
     METRIC,
     RESUMED_AT_TAG,
     ROLE_TAG,
@@ -33,6 +34,7 @@ from trainables.names import (
     TRIAL_ID_TAG,
     TRIAL_ROLE,
 )
+from trainables.stats import wilson_interval
 
 ERROR_TAG_CHARS = 4000  # MLflow's limit on a tag value is larger; the end of a traceback says enough
 
@@ -43,7 +45,7 @@ class TrialRun:
 
     run_id: str
     best: float = -math.inf  # the best accuracy whose checkpoint is logged
-    steps: set[int] = dataclasses.field(default_factory=set)  # the epochs logged
+    steps: set[int] = dataclasses.field(default_factory=set)  # the steps (images seen) logged
     resumed: bool = False  # restarted on a run that already has epochs: tag where it went on
 
 
@@ -145,12 +147,12 @@ class StartTrial(Operation):
 
 
 @dataclass(frozen=True)
-class LogEpoch(Operation):
-    """An epoch's metrics, logged once: an epoch the run already has is skipped.
+class LogReport(Operation):
+    """A report's metrics, at its step (the images seen), logged once: a step the run has is skipped.
 
-    A hard stop can come after an epoch reached MLflow but before Tune saved its
-    checkpoint; the resumed trial then trains that epoch again. And a rebuild from
-    Tune's records may bring earlier epochs after later ones.
+    A hard stop can come after a report reached MLflow but before Tune saved its
+    checkpoint; the resumed trial then trains that stretch again. And a rebuild from
+    Tune's records may bring earlier reports after later ones.
     """
 
     trial_id: str
@@ -160,9 +162,9 @@ class LogEpoch(Operation):
 
     def apply(self, writer: MlflowWriter) -> None:
         trial = writer.trial(self.trial_id)
-        if trial.resumed:  # the first epoch since this trial was resumed
+        if trial.resumed:  # the first report since this trial was resumed
             trial.resumed = False
-            writer.client.set_tag(trial.run_id, RESUMED_AT_TAG, str(self.step))
+            writer.client.set_tag(trial.run_id, RESUMED_AT_TAG, f"{self.metrics.get(EPOCH, 0):g}")
         if self.step in trial.steps:
             return
         metrics = [Metric(name, value, self.timestamp_ms, self.step) for name, value in self.metrics.items()]
@@ -239,9 +241,15 @@ class FinishSweep(Operation):
         children = child_runs(client, parent)
         best = best_child_run(children)
         if best is not None:
+            accuracy, now = best.data.metrics[BEST_METRIC], int(time.time() * 1000)
+            low, high = wilson_interval(accuracy, int(parent.data.params.get("data_val_size", 0)))
             client.log_batch(
                 parent_id,
-                metrics=[Metric(BEST_METRIC, best.data.metrics[BEST_METRIC], int(time.time() * 1000), 0)],
+                metrics=[
+                    Metric(BEST_METRIC, accuracy, now, 0),
+                    Metric(f"{BEST_METRIC}_low", low, now, 0),  # its 95% interval
+                    Metric(f"{BEST_METRIC}_high", high, now, 0),
+                ],
                 tags=[
                     RunTag(BEST_RUN_ID_TAG, best.info.run_id),
                     RunTag(BEST_TRIAL_ID_TAG, best.data.tags.get(TRIAL_ID_TAG, "")),

@@ -1,0 +1,59 @@
+"""Earlier sweeps' finished trials, read back from MLflow, for a new sweep to start from (warm start).
+
+Only trials that are comparable: same experiment and space, the same images and
+split, the same fidelity (epochs, rungs), trained to the end. Their configs and
+final validation accuracies; whether each fits the space's current ranges is the
+searcher's question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from search.tracking.store import child_runs, is_diverged
+from trainables.config import TrialConfig
+from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
+
+# The parent-run params that must match for two sweeps' trials to be comparable.
+COMPARABLE_PARAMS = (
+    "data_source", "data_val_size", "data_max_train_images", "data_seed", "epochs", "scheduler", "rungs",
+    "reduction_factor",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PastTrial:
+    sweep: str
+    config: TrialConfig
+    value: float  # the final validation accuracy; 0.0 for a trial that diverged
+
+
+def finished_trials(
+    client: MlflowClient, experiment_id: str, space: str, sweep: str, params: Mapping[str, Any]
+) -> list[PastTrial]:
+    """The trials of the experiment's other sweeps of this space, comparable to this sweep's, that
+    trained to the end, oldest sweep first."""
+    query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}' and tags.{SPACE_TAG} = '{space}'"
+    parents = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
+    wanted = {name: str(params[name]) for name in COMPARABLE_PARAMS}
+    trials = []
+    for parent in parents:
+        if parent.data.tags.get(SWEEP_TAG) == sweep:
+            continue
+        if any(parent.data.params.get(name) != value for name, value in wanted.items()):
+            continue
+        for run in child_runs(client, parent):
+            if run.info.status != "FINISHED" or METRIC not in run.data.metrics:
+                continue
+            trained_through = run.data.metrics.get(EPOCH, 0)
+            if not is_diverged(run) and trained_through < float(params["epochs"]) - 1e-9:
+                continue  # stopped at a lower rung: not a final score
+            value = 0.0 if is_diverged(run) else run.data.metrics[METRIC]
+            trials.append(
+                PastTrial(parent.data.tags[SWEEP_TAG], TrialConfig.from_params(run.data.params), value)
+            )
+    return trials
