@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from search.sweep.searcher import SweepSearcher, make_sampler, warm_start_trials
@@ -98,3 +100,25 @@ def test_earlier_sweeps_trials_seed_the_study_and_those_out_of_range_are_skipped
     assert skipped == 1 and len(trials) == 1
     assert trials[0].value == 0.55 and trials[0].params["effective_step"] == pytest.approx(0.02)
     assert trials[0].user_attrs["warm_start_from"] == "old"
+
+
+def test_a_searcher_restored_behind_its_study_neither_tells_twice_nor_leaves_a_ghost_running(tmp_path):
+    # The study is written at once; Tune snapshots the searcher now and then. A kill -9 between the
+    # two leaves a snapshot that has not heard what the study already knows.
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+    study = optuna.create_study(
+        study_name="s", storage=storage, direction="maximize", sampler=make_sampler("tpe", 0, 8)
+    )
+    live = SweepSearcher(SPACE, study, epochs=1, window=1, num_samples=8)  # one trial at a time
+    first = live.suggest("t0")
+    live.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot before the kill
+    live.on_trial_complete("t0", result(first))
+    live.suggest("t1")  # t0 told to the study, t1 proposed: neither is in the snapshot
+
+    restored = SweepSearcher(SPACE, study, epochs=1, window=1, num_samples=8)
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    restored.on_trial_complete("t0", result(first))  # Tune ends t0 again, from its checkpoint
+    assert restored.suggest("t1") is not None
+    states = [trial.state for trial in optuna.load_study(study_name="s", storage=storage).trials]
+    # t0 told once; the ghost proposal FAIL, since it will never run; t1 proposed anew.
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]

@@ -174,10 +174,25 @@ class SweepSearcher(Searcher):
 
     def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
         trial = self.ledger.trials.pop(trial_id)
-        for images_seen, value in sorted(self.ledger.reports.pop(trial_id).items()):
+        reports = self.ledger.reports.pop(trial_id)
+        if self._study_trial(trial.number).state.is_finished():
+            return  # told before a kill -9 left Tune's last snapshot of this searcher behind the study
+        for images_seen, value in sorted(reports.items()):
             trial.report(value, images_seen)
         state, value = outcome(result, error, self.epochs)
         self.study.tell(trial, value, state=state)
+
+    def _study_trial(self, number: int) -> FrozenTrial:
+        return self.study.get_trials(deepcopy=False)[number]  # a study numbers its trials 0, 1, ...
+
+    def _fail_orphans(self) -> None:
+        """The study is written at once, this searcher only when Tune snapshots the sweep: after a
+        kill -9, a trial proposed since the last snapshot is RUNNING in the study, unknown here, and
+        will never run. It is told FAIL, so the sampler does not count it as running for ever."""
+        known = {trial.number for trial in self.ledger.trials.values()}
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in known:
+                self.study.tell(trial.number, state=TrialState.FAIL)
 
     # Tune saves a searcher with `save` and brings it back on restore with `restore`.
     def save(self, checkpoint_path: str) -> None:
@@ -187,6 +202,7 @@ class SweepSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__dict__.update(pickle.load(file))
+        self._fail_orphans()
 
 
 def outcome(result: dict | None, error: bool, epochs: int) -> tuple[TrialState, float | None]:
