@@ -19,9 +19,10 @@ import optuna
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search.sweep.progress import SweepProgress
+from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
 from search.sweep.signals import StopSignals
@@ -44,7 +45,7 @@ from search.tracking.store import (
 from spaces import SearchSpace, get_space
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
-from trainables.names import BEST_METRIC, ERROR_TAG, IMAGES_SEEN, METRIC, MODE
+from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE
 from trainables.trainable import TrialSettings, train_convnet
 
 # A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
@@ -174,6 +175,9 @@ def _sweep(
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
+    # Trial k is proposed, and judged at a rung, only against trials 0 .. k - window: one more than
+    # fit at once, so a proposal is ready whenever a slot frees.
+    window = trials_at_once + 1
     tracker = SweepTracker(
         tracking_uri,
         sweep_run,
@@ -204,8 +208,8 @@ def _sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=make_searcher(space, settings, trials_at_once, warm_start, deadline),
-                scheduler=_scheduler(settings, len(splits.train_labels)),
+                search_alg=make_searcher(space, settings, window, warm_start, deadline),
+                scheduler=_scheduler(settings, len(splits.train_labels), window),
                 num_samples=settings.num_samples,
                 # Also lets Tune start that many trials at once: with a searcher it would
                 # otherwise start one, wait for it to run, then start the next.
@@ -271,15 +275,13 @@ def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
     return max(1, min(fits, settings.num_samples))
 
 
-def _scheduler(settings: SweepSettings, epoch_images: int) -> TrialScheduler:
+def _scheduler(settings: SweepSettings, epoch_images: int, window: int) -> TrialScheduler:
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     # Rungs count images seen, so they can fall inside an epoch; the trials report at each.
     full = settings.epochs * epoch_images
-    first_rung = round(settings.rung_fractions[0] * full) if settings.rung_fractions else full
-    return ASHAScheduler(
-        time_attr=IMAGES_SEEN, max_t=full, grace_period=first_rung, reduction_factor=settings.reduction_factor
-    )
+    rungs = [round(fraction * full) for fraction in settings.rung_fractions]
+    return InOrderASHA(rungs, max_t=full, reduction_factor=settings.reduction_factor, window=window)
 
 
 def start_ray(address: str | None, output: str) -> bool:

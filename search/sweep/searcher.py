@@ -85,7 +85,7 @@ def _within(distribution: BaseDistribution, value: Any) -> bool:
 def make_searcher(
     space: SearchSpace,
     settings: SweepSettings,
-    trials_at_once: int,
+    window: int,
     history: list[FrozenTrial],
     deadline: float | None,
 ) -> SweepSearcher:
@@ -103,7 +103,7 @@ def make_searcher(
     )
     study.add_trials(history)
     study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
-    return SweepSearcher(space, study, settings.epochs, trials_at_once + 1, settings.num_samples, deadline)
+    return SweepSearcher(space, study, settings.epochs, window, settings.num_samples, deadline)
 
 
 @dataclass
