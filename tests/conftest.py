@@ -116,12 +116,17 @@ def sweep_parent(settings: Any) -> Any:
     return parent
 
 
-def metric_steps(settings: Any, run: Any, metric: str = "val_acc") -> list[int]:
-    """The epochs a run logged the metric at, in order."""
+def reported_epochs(tracking_uri: str, run: Any, metric: str = "val_acc") -> list[float]:
+    """How far the trial had trained (in epochs) at each report that logged the metric, in order:
+    a run's steps count images seen, its `epoch` metric says the same in epochs."""
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(settings.tracking_uri).get_metric_history(run.info.run_id, metric)
-    return sorted(point.step for point in history)
+    client = MlflowClient(tracking_uri)
+    # The metric first: a report's metrics land in one batch, so a sweep still writing cannot have
+    # logged a step of it that the epochs read after it lack.
+    reports = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda point: point.step)
+    epochs = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "epoch")}
+    return [epochs[point.step] for point in reports]
 
 
 def optuna_trials(settings: Any) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import subprocess
@@ -15,14 +16,15 @@ import pytest
 import torch
 from conftest import (
     REPO,
-    metric_steps,
     optuna_trials,
+    reported_epochs,
     run_module,
     small_sweep,
     sweep_args,
     sweep_parent,
     trial_runs,
 )
+from optuna.trial import TrialState
 from ray import tune
 
 from search import run
@@ -73,7 +75,10 @@ def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_v
     children = trial_runs(settings)
     assert len(children) == 3
     for child in children:
-        assert metric_steps(settings, child) == [1]  # one report, not carried on to max_t
+        (epoch,) = reported_epochs(settings.tracking_uri, child)  # one report, not carried on to max_t
+        # By the first rung, a ninth of the 3 epochs rounded up to a whole batch, the loss was gone.
+        train_images, batch = 81, 4  # 90 images less 9 for validation; the space's batch size
+        assert epoch == math.ceil(EPOCHS * train_images / 9 / batch) * batch / train_images
         assert child.data.tags["diverged"] == "true" and child.data.metrics["diverged"] == 1.0
         assert child.data.metrics[METRIC] == 0.0
 
@@ -113,7 +118,7 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(image_folder, tmp_p
     children = trial_runs(settings)
     assert len(children) == 2
     for child in children:
-        assert metric_steps(settings, child) == [1, 2, 3]  # epoch 1 was not trained again
+        assert reported_epochs(settings.tracking_uri, child) == [1, 2, 3]  # epoch 1 was not trained again
         assert child.data.tags["retries"] == "1"
         assert "CUDA out of memory (simulated)" in child.data.tags["error"]
 
@@ -139,6 +144,9 @@ def test_a_trial_that_keeps_crashing_fails_after_its_retries_and_the_sweep_goes_
     failed = next(child for child in trial_runs(settings) if child.info.status == "FAILED")
     assert "ValueError: boom: a bug in the trial" in failed.data.tags["error"]
     assert failed.data.params["lr"] == "0.01"
+    crashed, *others = optuna_trials(settings)  # the first is the assignment's point
+    assert crashed.state == TrialState.FAIL and crashed.value is None  # Optuna hears it crashed
+    assert [trial.state for trial in others] == [TrialState.COMPLETE] * 2
     (failed_name, error_line), *_ = outcome.failures.items()
     assert failed_name == failed.info.run_name and "boom" in error_line
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from conftest import metric_steps, small_sweep, trial_runs
+from conftest import reported_epochs, small_sweep, trial_runs
 
 from search.sweep.engine import run_sweep
 from trainables.names import REPORTED_METRICS
@@ -24,7 +24,7 @@ def test_sixteen_short_trials_record_every_metric(image_folder, tmp_path, ray_ru
     assert len(children) == TRIALS
     for child in children:
         for name in REPORTED_METRICS:
-            assert metric_steps(settings, child, name) == list(range(1, EPOCHS + 1)), name
+            assert reported_epochs(settings.tracking_uri, child, name) == list(range(1, EPOCHS + 1)), name
     output = capfd.readouterr()
     assert "database is locked" not in output.out + output.err
     assert not settings.journal.exists()  # nothing left waiting

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     REPO,
-    metric_steps,
+    reported_epochs,
     run_module,
     small_sweep,
     start_search_run,
@@ -60,7 +60,7 @@ def wait_for_epochs(settings: SweepSettings, epochs: int, timeout: float = 240) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            done = [len(metric_steps(settings, run)) for run in trial_runs(settings)]
+            done = [len(reported_epochs(settings.tracking_uri, run)) for run in trial_runs(settings)]
         except Exception:  # the store or the experiment is being created
             done = []
         if done and max(done) >= epochs:
@@ -78,7 +78,7 @@ def assert_complete_sweep(settings: SweepSettings, parent_id: str) -> None:
     assert len({child.data.tags["trial_id"] for child in children}) == NUM_SAMPLES
     for child in children:
         assert child.info.status == "FINISHED"
-        steps = metric_steps(settings, child)
+        steps = reported_epochs(settings.tracking_uri, child)
         assert steps == list(range(1, EPOCHS + 1)), steps  # every epoch once: continued, not restarted
     # The parent's report was written again at the end of the resumed run, over every trial.
     client, workdir = MlflowClient(settings.tracking_uri), Path(settings.storage_path).parent
@@ -139,7 +139,7 @@ def test_kill_9_then_resume_finishes_without_duplicates_or_restarts(slow_images,
     finally:
         stop_process_group(process)
     parent = sweep_parent(settings)
-    epochs_before = [len(metric_steps(settings, child)) for child in trial_runs(settings)]
+    epochs_before = [len(reported_epochs(settings.tracking_uri, child)) for child in trial_runs(settings)]
     assert any(0 < done < EPOCHS for done in epochs_before)  # the kill came with a trial under way
     workdir = Path(settings.storage_path).parent
     export_args = ["--experiment", settings.experiment_name, "--tracking-uri", settings.tracking_uri]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     MlflowServer,
-    metric_steps,
+    reported_epochs,
     run_module,
     small_sweep,
     start_search_run,
@@ -53,7 +53,7 @@ def outage_sweep(tmp_path: Path, server: MlflowServer, name: str, epochs: int = 
 
 def wait_for_a_logged_epoch(settings: SweepSettings, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while not any(metric_steps(settings, run) for run in _runs_or_none(settings)):
+    while not any(reported_epochs(settings.tracking_uri, run) for run in _runs_or_none(settings)):
         assert time.monotonic() < deadline, "no epoch reached MLflow"
         time.sleep(0.2)
 
@@ -90,7 +90,7 @@ def assert_every_epoch_once_and_the_true_best(settings: SweepSettings) -> None:
     assert len(children) == settings.num_samples
     client = MlflowClient(settings.tracking_uri)
     for child in children:
-        assert metric_steps(settings, child) == list(range(1, settings.epochs + 1))
+        assert reported_epochs(settings.tracking_uri, child) == list(range(1, settings.epochs + 1))
         assert child.info.status == "FINISHED"
         files = {artifact.path for artifact in client.list_artifacts(child.info.run_id, CHECKPOINT_ARTIFACT)}
         assert files == {f"{CHECKPOINT_ARTIFACT}/{CHECKPOINT_FILE}", f"{CHECKPOINT_ARTIFACT}/{SPEC_FILE}"}

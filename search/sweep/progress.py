@@ -75,10 +75,14 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        ended = "diverged" if last.get(DIVERGED) else "finished"
+        epoch = last.get(EPOCH, 0)
+        if last.get(DIVERGED):
+            ended = "diverged"
+        else:  # the scheduler stops a weak trial at a rung, often inside an epoch
+            ended = "finished" if epoch >= self.max_epochs else "stopped early"
         accuracy = last.get(METRIC)
         score = f": {METRIC} {accuracy:.4f}" if accuracy is not None else ""
-        event = f"{run_name(trial, self.space)} {ended} at epoch {last.get(EPOCH, 0)}{score}"
+        event = f"{run_name(trial, self.space)} {ended} at epoch {epoch:.3g}{score}"
         self._show(self.status(trials, ending={trial.trial_id: "TERMINATED"}), event)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -1,0 +1,101 @@
+"""The search: rungs within an epoch, what Optuna hears of each trial, a time budget, a warm start
+across sweeps in one MLflow store. Real sweeps on small real image files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import optuna_trials, reported_epochs, small_sweep, sweep_parent, trial_runs, write_image_folder
+from optuna.trial import TrialState
+
+from search.sweep.engine import run_sweep
+from spaces import registry
+from spaces.registry import SearchSpace
+from trainables.config import DataSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 images: enough batches of 64 that a ninth and a third of an epoch are apart."""
+    return write_image_folder(tmp_path_factory.mktemp("search-images"), per_class=200)
+
+
+def sweep_of(images: Path, workdir: Path, **overrides):
+    data = DataSettings(source=str(images), root=str(workdir / "cache"), val_size=30)
+    return small_sweep(images, workdir, data=data, **overrides)
+
+
+def test_asha_decides_within_the_epoch_and_optuna_hears_pruned_and_complete_trials(
+    images, tmp_path, ray_runtime
+):
+    settings = sweep_of(images, tmp_path, num_samples=9)  # ASHA: rungs at a ninth, a third, all
+    outcome = run_sweep(settings)
+    assert outcome.trial_statuses == {"FINISHED": 9}
+    reports = {
+        run.data.tags["trial_id"]: reported_epochs(settings.tracking_uri, run) for run in trial_runs(settings)
+    }
+    # 570 training images: a ninth is 64 rounded up to a batch (0.11), a third 192 (0.34), then all.
+    assert all(epochs[0] == pytest.approx(64 / 570) for epochs in reports.values())
+    full = {trial_id for trial_id, epochs in reports.items() if epochs[-1] == 1.0}
+    stopped = set(reports) - full
+    assert full and stopped  # some stopped at a rung inside the epoch, some trained to its end
+    assert all(len(reports[trial_id]) == 3 for trial_id in full)
+
+    studied = optuna_trials(settings)
+    states = [trial.state for trial in studied]
+    assert states.count(TrialState.COMPLETE) == len(full) and states.count(TrialState.PRUNED) == len(stopped)
+    for trial in studied:
+        if trial.state == TrialState.PRUNED:  # its reports, as Optuna's intermediate values
+            assert (
+                1 <= len(trial.intermediate_values) <= 2
+                and trial.value == list(trial.intermediate_values.values())[-1]
+            )
+
+
+def test_a_time_budget_stops_new_trials_and_the_sweep_ends_normally(images, tmp_path, ray_runtime):
+    settings = sweep_of(images, tmp_path, num_samples=200, scheduler="fifo", time_budget_s=12.0)
+    started = time.monotonic()
+    outcome = run_sweep(settings)
+    assert time.monotonic() - started < 90  # not 200 trials: the budget, the trials under way, the report
+    ran = sum(outcome.trial_statuses.values())
+    assert 2 <= ran < 200 and outcome.trial_statuses == {"FINISHED": ran}
+    assert not outcome.interrupted and sweep_parent(settings).info.status == "FINISHED"
+
+
+LR_RANGE = {"low": 1e-4, "high": 1e-1}  # the warm-start test narrows it between two sweeps
+
+
+def narrowing(trial: optuna.Trial) -> dict:
+    trial.suggest_float("lr", LR_RANGE["low"], LR_RANGE["high"], log=True)
+    return {"model": "module", "optimizer": "sgd", "momentum": 0.0, "channel_1": 8, "channel_2": 4}
+
+
+def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(
+    images, tmp_path, ray_runtime, monkeypatch
+):
+    monkeypatch.setitem(
+        registry._SPACES, "narrowing", SearchSpace("narrowing", "test only", narrowing, {"lr": 1e-2})
+    )
+    first = sweep_of(images, tmp_path, space="narrowing", num_samples=5, scheduler="fifo", name="first")
+    run_sweep(first)
+    first_lrs = sorted(trial.params["lr"] for trial in optuna_trials(first))
+    monkeypatch.setitem(LR_RANGE, "low", first_lrs[1] * 0.999)  # the lowest lr falls outside the new range
+
+    second = sweep_of(images, tmp_path, space="narrowing", num_samples=3, scheduler="fifo", name="second")
+    outcome = run_sweep(second)
+    assert (outcome.warm_start, outcome.warm_start_skipped) == (4, 1)
+    warm = [trial for trial in optuna_trials(second) if trial.user_attrs.get("warm_start_from") == "first"]
+    assert sorted(trial.params["lr"] for trial in warm) == first_lrs[1:]
+    assert all(trial.state == TrialState.COMPLETE for trial in warm)
+    assert sweep_parent(second).data.params["warm_start_trials"] == "4"
+
+    other_split = DataSettings(source=str(images), root=str(tmp_path / "cache"), val_size=60)
+    elsewhere = small_sweep(
+        images, tmp_path, data=other_split, space="narrowing", num_samples=2, scheduler="fifo", name="other"
+    )
+    assert run_sweep(elsewhere).warm_start == 0  # another validation split: not comparable
