@@ -249,7 +249,7 @@ def measure_accuracy(splits: ImageSplits, device: torch.device, seeds: int) -> d
         accuracies = []
         for seed in range(seeds):
             (report,) = Training(part_iv_spec(splits), splits, seed, device, precision).epochs(1, 1)
-            accuracies.append(report.val.accuracy)
+            accuracies.append(report.val.accuracy if report.val is not None else 0.0)
         mean, spread = statistics.mean(accuracies), statistics.stdev(accuracies) if seeds > 1 else 0.0
         figures[f"val_acc_{precision}"] = accuracies
         figures[f"val_acc_{precision}_mean"], figures[f"val_acc_{precision}_sd"] = mean, spread

@@ -1,36 +1,67 @@
-"""`python -m search.retrain best.json`: train the exported config, test it, log the model to MLflow."""
+"""`python -m search.retrain best.json`: train the exported config into a final model, test it, log it.
+
+From scratch, on all the training images (a sweep's validation images too), with a
+recipe for many epochs when there are many (see trainables.recipe), then scored on
+the test images with its 95% interval, a per-class table and a confusion matrix.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from search.cli import EXIT_OK, OneLineParser, positive_int, run_command
+from search.cli import (
+    EXIT_OK,
+    OneLineParser,
+    default,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from search.sweep.settings import check_tracking_uri
 from search.tracking.best import BestTrial, read_best
-from search.tracking.retrain_run import RetrainRun
+from search.tracking.retrain_run import RetrainRun, TestResult
 from search.tracking.store import ImageDataset
 from trainables.checkpoint import ModelSpec
-from trainables.config import DataSettings
+from trainables.config import PRECISIONS, DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
 from trainables.loop import Training
-from trainables.model import as_module
-from trainables.names import METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
+from trainables.model import as_module, learning_rate
+from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
+from trainables.recipe import ASSIGNMENT, LONG_RUN, SCHEDULES, Recipe
+from trainables.stats import wilson_interval
 
 PROG = "search.retrain"
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrainSettings:
+    """What `search.retrain` trains, on what, and how."""
+
+    epochs: int
+    recipe: Recipe
+    holdout: int = 0  # training images kept aside, stratified, to watch validation accuracy per epoch
+    max_train_images: int | None = None
+    precision: str = "auto"
+    register: str | None = None
+
+
 def retrain(
-    best: BestTrial, epochs: int, data: DataSettings, tracking_uri: str, register: str | None
+    best: BestTrial, data: DataSettings, tracking_uri: str, settings: RetrainSettings
 ) -> dict[str, Any]:
-    """Trains best's config from scratch on the training split, then scores it on the test split."""
-    splits = load_splits(data)
+    """Trains best's config from scratch, scores it on the test images, logs the run and the model."""
+    split = dataclasses.replace(data, val_size=settings.holdout, max_train_images=settings.max_train_images)
+    splits = load_splits(split)
     test = load_images(data, "test")
     if test.classes != splits.classes:
         raise InputError(
@@ -38,55 +69,119 @@ def retrain(
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelSpec(best.spec.config, splits.input_shape, splits.classes, splits.mean, splits.std)
-    training = Training(spec, splits, best.seed, device)
+    training = Training(spec, splits, best.seed, device, settings.precision, settings.recipe, settings.epochs)
+    datasets = [ImageDataset.of(split, "train", splits.fingerprint, len(splits.train_labels))]
+    if settings.holdout:
+        datasets.append(ImageDataset.of(split, "validation", splits.fingerprint, len(splits.val_labels)))
+    datasets.append(ImageDataset.of(data, "test", test.fingerprint, len(test)))
 
-    datasets = (
-        ImageDataset.of(data, "train", splits.fingerprint, len(splits.train_labels)),
-        ImageDataset.of(data, "validation", splits.fingerprint, len(splits.val_labels)),
-        ImageDataset.of(data, "test", test.fingerprint, len(test)),
-    )
     with RetrainRun(tracking_uri, best) as run:
-        run.log_settings(spec, epochs, best.seed, data)
+        run.log_settings(
+            spec, settings.epochs, best.seed, split, _recipe_params(settings, training.precision)
+        )
         run.log_datasets(datasets)
-        for report in training.epochs(1, epochs):
+        run.log_best_json(best)
+        started = time.perf_counter()
+        for report in training.epochs(1, settings.epochs):
+            epoch = round(report.epoch)
             if report.diverged:
-                raise InputError(
-                    f"training diverged in epoch {report.epoch}: the config's learning rate is too high"
-                )
-            trained, val = report.train, report.val
+                raise InputError(_diverged(best, settings, epoch))
             metrics = {
-                TRAIN_LOSS: trained.loss,
-                TRAIN_ACC: trained.accuracy,
-                METRIC: val.accuracy,
-                VAL_LOSS: val.loss,
+                TRAIN_LOSS: report.train.loss,
+                TRAIN_ACC: report.train.accuracy,
+                LEARNING_RATE: learning_rate(training.optimizer),
             }
-            run.log_metrics(metrics, step=report.epoch)
-            print(
-                f"epoch {report.epoch}/{epochs}: train loss {trained.loss:.4f}, "
-                f"validation accuracy {val.accuracy:.4f}"
-            )
-        tested = training.evaluate(test.images, test.labels)
-        run.log_metrics({TEST_ACC: tested.accuracy, TEST_LOSS: tested.loss}, step=epochs)
-        module = as_module(training.model, spec.config, spec.input_shape, spec.num_classes).cpu().eval()
-        example = training.normalize(test.images[:2].to(device)).cpu().numpy()
-        model_uri = run.log_model(module, spec, example, register)
+            if report.val is not None:
+                metrics.update({METRIC: report.val.accuracy, VAL_LOSS: report.val.loss})
+            run.log_metrics(metrics, step=epoch)
+            _progress(epoch, settings.epochs, report.train.loss, report.val, time.perf_counter() - started)
+        training.model.load_state_dict(training.final_state())
+        tested = TestResult(training.predict(test.images), test.labels, test.classes)
+        low, high = wilson_interval(tested.accuracy, len(test))
+        run.log_test(tested, low, high, step=settings.epochs)
+        module = (
+            as_module(training.model, spec.config, spec.input_shape, spec.num_classes).cpu().float().eval()
+        )
+        example = training.normalize(test.images[:2].to(device)).cpu().float()
+        model_uri = run.log_model(module, spec, example, settings.register)
     return {
         TEST_ACC: tested.accuracy,
+        f"{TEST_ACC}_interval_95": [low, high],
         TEST_LOSS: tested.loss,
-        METRIC: val.accuracy,
-        "epochs": epochs,
+        "epochs": settings.epochs,
         "run_id": run.run_id,
         "model_uri": model_uri,
-        "registered_model": register,
+        "registered_model": settings.register,
+        "per_class_accuracy": tested.per_class(),
     }
 
 
+def _recipe_params(settings: RetrainSettings, precision: str) -> dict[str, Any]:
+    recipe = {f"recipe_{key}": value for key, value in dataclasses.asdict(settings.recipe).items()}
+    return {**recipe, "holdout": settings.holdout, "precision": precision}
+
+
+def _diverged(best: BestTrial, settings: RetrainSettings, epoch: int) -> str:
+    peak = best.spec.config.lr * settings.recipe.peak_lr_factor
+    return (
+        f"training diverged in epoch {epoch} (the loss is no longer finite) at a peak learning rate of "
+        f"{peak:.3g}: lower it with --peak-lr-factor (now {settings.recipe.peak_lr_factor:g}), "
+        "or train as the sweep did with --recipe assignment"
+    )
+
+
+def _progress(epoch: int, epochs: int, loss: float, val: Any, elapsed_s: float) -> None:
+    eta = elapsed_s / epoch * (epochs - epoch)
+    watched = f", holdout accuracy {val.accuracy:.4f}" if val is not None else ""
+    print(
+        f"epoch {epoch}/{epochs}: train loss {loss:.4f}{watched} | {elapsed_s:.0f}s, ETA {eta:.0f}s",
+        flush=True,
+    )
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    """The recipe the options pick: the long-run one when training more than one epoch, the
+    assignment's for one epoch or --recipe assignment; each part switchable."""
+    base = (
+        ASSIGNMENT
+        if args.recipe == "assignment" or (args.recipe == "auto" and args.epochs == 1)
+        else LONG_RUN
+    )
+    changes = {
+        name: getattr(args, name)
+        for name in ("schedule", "peak_lr_factor", "augment", "label_smoothing", "ema_decay")
+        if getattr(args, name) is not None
+    }
+    return dataclasses.replace(base, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__)
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("best", type=Path, help="best.json from search.export")
     parser.add_argument("--epochs", type=positive_int, help="epochs (default: the sweep's)")
     parser.add_argument("--data", help="'cifar10' or an image folder (default: the sweep's)")
     parser.add_argument("--data-root", help="download and cache folder (default: the sweep's)")
+    parser.add_argument(
+        "--holdout", type=non_negative_int, default=0, help="training images set aside to watch"
+    )
+    parser.add_argument(
+        "--max-train-images", type=positive_int, help="train on fewer images, for a quick look"
+    )
+    parser.add_argument("--precision", choices=PRECISIONS, default=default(RetrainSettings, "precision"))
+    recipe = parser.add_argument_group("recipe (each part's default: the recipe's)")
+    recipe.add_argument(
+        "--recipe", choices=("auto", "long", "assignment"), default="auto",
+        help="auto: long for more than one epoch; assignment: a constant learning rate, nothing else",
+    )  # fmt: skip
+    recipe.add_argument("--schedule", choices=SCHEDULES, help="the learning rate over time")
+    recipe.add_argument(
+        "--peak-lr-factor", type=positive_float, help="the peak, as a multiple of the config's lr"
+    )
+    recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crops and flips")
+    recipe.add_argument("--label-smoothing", type=non_negative_float)
+    recipe.add_argument(
+        "--ema-decay", type=positive_float, help="keep an average of the weights (e.g. 0.999)"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     parser.add_argument("--register", help="also register the model under this name")
     parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
@@ -96,11 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     data = dataclasses.replace(
         best.data, source=args.data or best.data.source, root=args.data_root or best.data.root
     )
+    args.epochs = args.epochs or best.epochs
+    settings = RetrainSettings(
+        args.epochs, recipe_from(args), args.holdout, args.max_train_images, args.precision, args.register
+    )
     tracking_uri = check_tracking_uri(args.tracking_uri or best.tracking_uri)
-    metrics = retrain(best, args.epochs or best.epochs, data, tracking_uri, args.register)
+    metrics = retrain(best, data, tracking_uri, settings)
+    low, high = metrics[f"{TEST_ACC}_interval_95"]
+    epochs = f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}"
+    print(f"Test accuracy {metrics[TEST_ACC]:.4f} (95% interval {low:.4f}-{high:.4f}) after {epochs}")
+    print(f"Model {metrics['model_uri']}")
     print(
-        f"Test accuracy {metrics[TEST_ACC]:.4f} after {metrics['epochs']} epochs; "
-        f"model {metrics['model_uri']}"
+        "Per class: "
+        + ", ".join(f"{name} {accuracy:.3f}" for name, accuracy in metrics["per_class_accuracy"].items())
     )
     if args.out is not None:
         args.out.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -6,28 +6,37 @@ import json
 import math
 from pathlib import Path
 
+import mlflow.pytorch
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import optuna_trials, small_sweep, sweep_args
+from conftest import optuna_trials, reported_epochs, small_sweep, sweep_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from search import export, retrain, run
+from search.tracking.best import read_best
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
 from trainables.config import TrialConfig
-from trainables.loop import resolve_precision
+from trainables.data import load_images
+from trainables.loop import Normalizer, resolve_precision
 from trainables.names import (
     ACCURACY_PNG,
     BEST_JSON,
     BEST_METRIC,
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_FILE,
+    CONFUSION_PNG,
     CURVES_PNG,
+    EPOCH,
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,
     METRIC,
+    MODEL_ARTIFACT,
+    PARAMETERS,
+    PER_CLASS_JSON,
+    PER_CLASS_MD,
     PRECISION,
     REPORTED_METRICS,
     SOURCE_RUN_STATE_TAG,
@@ -80,22 +89,41 @@ def test_the_first_trial_is_the_assignments_point(sweep):
     assert TrialConfig() in configs  # the defaults are Part IV's settings
 
 
-def test_each_child_has_its_config_per_epoch_metrics_and_no_junk(sweep):
+def epoch_end_accuracies(client: MlflowClient, run) -> dict[int, float]:
+    """A trial's validation accuracy at each epoch's end (it also reports at ASHA's rungs inside
+    an epoch), by epoch: where its checkpoints were taken."""
+    epochs = {point.step: point.value for point in client.get_metric_history(run.info.run_id, EPOCH)}
+    return {
+        int(epochs[point.step]): point.value
+        for point in client.get_metric_history(run.info.run_id, METRIC)
+        if epochs[point.step] == int(epochs[point.step])
+    }
+
+
+def test_each_child_has_its_config_per_report_metrics_and_no_junk(sweep):
     _, children = parent_and_children(sweep)
     client = sweep["client"]
     for child in children:
-        assert set(child.data.params) == {*TrialConfig().to_dict(), PRECISION}
+        assert set(child.data.params) == {*TrialConfig().to_dict(), PRECISION, PARAMETERS}
         assert child.data.params[PRECISION] == resolve_precision("auto", torch.device("cpu"))
-        assert set(child.data.metrics) == {*REPORTED_METRICS, BEST_METRIC}
-        history = client.get_metric_history(child.info.run_id, METRIC)
-        steps = [point.step for point in history]
-        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= EPOCHS
-        assert child.data.metrics[BEST_METRIC] == max(point.value for point in history)
+        epochs = reported_epochs(sweep["uri"], child)
+        assert epochs == sorted(epochs) and epochs[0] > 0 and epochs[-1] <= EPOCHS
+        # Its steps count the images seen, so each report's step and epoch keep one ratio.
+        steps = sorted(point.step for point in client.get_metric_history(child.info.run_id, METRIC))
+        assert len({step / epoch for step, epoch in zip(steps, epochs, strict=True)}) == 1
+        at_ends = epoch_end_accuracies(client, child)
+        if at_ends:  # trained to an epoch's end: its best epoch is checkpointed
+            assert set(child.data.metrics) == {*REPORTED_METRICS, BEST_METRIC}
+            assert child.data.metrics[BEST_METRIC] == max(at_ends.values())
+        else:  # stopped by ASHA inside its first epoch: no checkpoint, no best
+            assert set(child.data.metrics) == set(REPORTED_METRICS)
 
 
 def test_each_best_checkpoint_loads_in_plain_pytorch_and_rebuilds_the_model(sweep, tmp_path):
     _, children = parent_and_children(sweep)
-    for child in children:
+    checkpointed = [child for child in children if BEST_METRIC in child.data.metrics]
+    assert checkpointed
+    for child in checkpointed:
         local = Path(
             sweep["client"].download_artifacts(child.info.run_id, CHECKPOINT_ARTIFACT, str(tmp_path))
         )
@@ -104,10 +132,8 @@ def test_each_best_checkpoint_loads_in_plain_pytorch_and_rebuilds_the_model(swee
         model = spec.build()
         model.load_state_dict(state["model"])
         assert model(torch.zeros(1, *spec.input_shape)).shape == (1, 3)
-        best_epoch = max(
-            sweep["client"].get_metric_history(child.info.run_id, METRIC), key=lambda p: p.value
-        ).step
-        assert state["epoch"] == best_epoch
+        at_ends = epoch_end_accuracies(sweep["client"], child)
+        assert state["epoch"] == max(at_ends, key=lambda epoch: (at_ends[epoch], -epoch))
 
 
 def test_the_parent_holds_the_best_result_and_the_trial_table(sweep, tmp_path):
@@ -146,17 +172,15 @@ def test_the_parent_explains_the_sweep_with_importance_plots_summary_and_best_co
     assert (folder / BEST_JSON).read_text() == exported.read_text()  # the very file export writes
 
 
-def test_export_then_retrain(sweep, tmp_path):
-    best_path, trials_path, metrics_path = (
-        tmp_path / "best.json",
-        tmp_path / "trials.parquet",
-        tmp_path / "m.json",
-    )
-    code = export.main(
-        ["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(best_path)]
-        + ["--trials", str(trials_path)]
-    )
-    assert code == 0
+def export_best(sweep: dict, folder: Path, *extra: str) -> Path:
+    best_path = folder / "best.json"
+    args = ["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(best_path)]
+    assert export.main(args + list(extra)) == 0
+    return best_path
+
+
+def test_export_writes_the_winning_trial_and_every_trial(sweep, tmp_path):
+    best_path = export_best(sweep, tmp_path, "--trials", str(tmp_path / "trials.parquet"))
     best = json.loads(best_path.read_text())
     _, children = parent_and_children(sweep)
     top = max(run.data.metrics[BEST_METRIC] for run in children)
@@ -167,35 +191,69 @@ def test_export_then_retrain(sweep, tmp_path):
     assert best["mlflow"]["checkpoint_uri"] == f"runs:/{winner.info.run_id}/{CHECKPOINT_ARTIFACT}"
     assert best["model"]["model"] == "sequential" and best["optimizer"]["optimizer"] == "nesterov"
     assert len(best["data"]["normalization"]["mean"]) == 3 and best["training"]["epochs"] == EPOCHS
-    assert pq.read_table(trials_path).num_rows == NUM_SAMPLES
+    assert pq.read_table(tmp_path / "trials.parquet").num_rows == NUM_SAMPLES
 
+
+RETRAIN_EPOCHS = 2
+HOLDOUT = 15  # of the 90 images: 75 to train on, two steps an epoch
+
+
+@pytest.mark.parametrize(
+    ("style", "optimizer", "recipe"),
+    [("barebones", "sgd", "assignment"), ("module", "sgd", "auto"), ("sequential", "nesterov", "auto")],
+)
+def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the_same(
+    sweep, tmp_path, style, optimizer, recipe
+):
+    best_path = export_best(sweep, tmp_path)
+    edited = json.loads(best_path.read_text())
+    edited["model"]["model"], edited["optimizer"]["optimizer"] = style, optimizer
+    best_path.write_text(json.dumps(edited))
+    metrics_path, name = tmp_path / "metrics.json", f"e2e-{style}"
     code = retrain.main(
-        [str(best_path), "--epochs", "1", "--register", "e2e-convnet", "--out", str(metrics_path)]
+        [str(best_path), "--epochs", str(RETRAIN_EPOCHS), "--holdout", str(HOLDOUT), "--recipe", recipe]
+        + ["--precision", "fp32", "--register", name, "--out", str(metrics_path)]
     )
     assert code == 0
     metrics = json.loads(metrics_path.read_text())
-    assert 0.0 <= metrics["test_acc"] <= 1.0 and math.isfinite(metrics["test_loss"])
     client = sweep["client"]
-    retrain_run = client.get_run(metrics["run_id"])
-    assert retrain_run.data.metrics["test_acc"] == metrics["test_acc"]
-    assert retrain_run.data.tags["source_run_id"] == winner.info.run_id
-    versions = client.search_model_versions("name = 'e2e-convnet'")
-    assert len(versions) == 1
+    retrained = client.get_run(metrics["run_id"])
+    assert retrained.data.tags["source_run_id"] == edited["mlflow"]["run_id"]
+    assert retrained.data.params["model"] == style and retrained.data.params["precision"] == "fp32"
 
-    import mlflow.pytorch
+    # One point per epoch: the training loss, the held-out accuracy, the learning rate at the epoch's end.
+    for metric in ("train_loss", METRIC, "lr"):
+        assert [m.step for m in client.get_metric_history(retrained.info.run_id, metric)] == [1, 2]
+    lrs = [m.value for m in client.get_metric_history(retrained.info.run_id, "lr")]
+    config_lr = edited["optimizer"]["lr"]
+    if recipe == "assignment":  # the sweep's recipe: the config's learning rate throughout
+        assert retrained.data.params["recipe_schedule"] == "constant" and lrs == [config_lr] * 2
+    else:  # more than one epoch: one cycle, decaying towards 0 by the end
+        assert retrained.data.params["recipe_schedule"] == "onecycle" and lrs[1] < lrs[0] <= config_lr
 
-    loaded = mlflow.pytorch.load_model(metrics["model_uri"])
-    assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    low, high = metrics["test_acc_interval_95"]
+    assert low <= metrics["test_acc"] <= high and retrained.data.metrics["test_acc"] == metrics["test_acc"]
+    artifacts = {item.path for item in client.list_artifacts(retrained.info.run_id)}
+    assert {BEST_JSON, CONFUSION_PNG, PER_CLASS_JSON, PER_CLASS_MD} <= artifacts
+    # MLflow 3 keeps a logged model apart from the run's artifacts, tied to the run by its source.
+    model = mlflow.models.get_model_info(metrics["model_uri"])
+    assert model.run_id == retrained.info.run_id and model.name == MODEL_ARTIFACT
+    assert model.signature is not None and model.saved_input_example_info is not None
+    best = read_best(best_path)
+    assert list(metrics["per_class_accuracy"]) == list(best.spec.classes)
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == retrained.info.run_id
+
+    # The registered model, loaded as a user would, scores the test images as the retrain said.
+    loaded = mlflow.pytorch.load_model(f"models:/{name}/{version.version}")
+    test = load_images(best.data, "test")
+    with torch.no_grad():
+        scores = loaded(Normalizer(best.spec.mean, best.spec.std, torch.device("cpu"))(test.images))
+    assert float((scores.argmax(dim=1) == test.labels).float().mean()) == pytest.approx(metrics["test_acc"])
 
 
 def test_a_retrain_whose_source_run_was_deleted_says_so_and_records_it(sweep, tmp_path, capsys):
-    best_path = tmp_path / "best.json"
-    assert (
-        export.main(
-            ["--experiment", "cifar10-nesterov", "--tracking-uri", sweep["uri"], "--out", str(best_path)]
-        )
-        == 0
-    )
+    best_path = export_best(sweep, tmp_path)
     best = json.loads(best_path.read_text())
     client = sweep["client"]
     client.delete_run(best["mlflow"]["run_id"])

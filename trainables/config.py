@@ -99,12 +99,12 @@ class DataSettings:
 
     source: str = CIFAR10  # "cifar10", or a folder holding train/<class>/* (and test/<class>/*)
     root: str = "data"  # where CIFAR-10 is downloaded and decoded folders are cached
-    val_size: int = 1000  # validation images held out of the training split
+    val_size: int = 1000  # validation images held out of the training split (a sweep needs some)
     max_train_images: int | None = None  # train on fewer images, for quick runs
     seed: int = 0  # fixes the split
 
     def __post_init__(self) -> None:
-        if self.val_size < 1:
-            raise InputError(f"the validation set needs at least 1 image, got {self.val_size}")
+        if self.val_size < 0:
+            raise InputError(f"the validation set cannot have {self.val_size} images")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise InputError(f"the training set needs at least 1 image, got {self.max_train_images}")

@@ -28,7 +28,8 @@ from trainables.checkpoint import LoadedCheckpoint, ModelSpec, save_checkpoint
 from trainables.config import PRECISIONS
 from trainables.data import ImageSplits
 from trainables.errors import InputError
-from trainables.model import build_optimizer
+from trainables.model import build_optimizer, set_learning_rate
+from trainables.recipe import ASSIGNMENT, Recipe, WeightAverage, augment
 
 # Checking the loss costs a host sync; every few steps is soon enough to stop a diverged run.
 DIVERGENCE_CHECK_STEPS = 25
@@ -97,11 +98,16 @@ class Report:
     images_seen: int  # in all, across epochs
     epoch: float  # the same in epochs: whole at an epoch's end
     train: EpochResult  # over the images since the last report
-    val: EpochResult  # the training result itself when training diverged: there is nothing to validate
+    val: EpochResult | None  # None without validation images, or when training diverged
 
     @property
     def diverged(self) -> bool:
-        return self.val.diverged
+        return self.train.diverged or (self.val is not None and self.val.diverged)
+
+    @property
+    def seconds(self) -> float:
+        """Training and validation: the time the report's stretch took."""
+        return self.train.seconds + (self.val.seconds if self.val is not None else 0.0)
 
     @property
     def at_epoch_end(self) -> bool:
@@ -146,8 +152,10 @@ class Training:
         seed: int,
         device: torch.device,
         precision: str = "auto",
+        recipe: Recipe = ASSIGNMENT,
+        epochs: int = 1,  # all the training ahead, for a recipe's learning-rate schedule
     ) -> None:
-        self.spec, self.seed, self.device = spec, seed, device
+        self.spec, self.seed, self.device, self.recipe = spec, seed, device, recipe
         self.precision = resolve_precision(precision, device)
         if device.type == "cpu":
             keep_freed_memory()
@@ -161,7 +169,12 @@ class Training:
         self.val_labels = splits.val_labels.to(device)
         self.epoch_images = len(self.train_labels)
         self.images_seen = 0  # in all, across epochs
+        self.steps_taken = 0  # in all: where the recipe's learning-rate schedule stands
+        self.epoch_steps = math.ceil(self.epoch_images / self.batch_size)
+        self.total_steps = self.epoch_steps * epochs
+        self.average = WeightAverage(self.model.state_dict(), recipe.ema_decay) if recipe.ema_decay else None
         self._order: tuple[int, Tensor] | None = None  # an epoch and its batch order, made once
+        self._augmentation = torch.Generator()  # the crops and flips, seeded with each epoch's order
         # Running sums of a stretch of training, kept on the device: read once, at its end.
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -171,6 +184,7 @@ class Training:
         self.model.load_state_dict(checkpoint.model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.images_seen = checkpoint.epoch * self.epoch_images
+        self.steps_taken = checkpoint.epoch * self.epoch_steps
         return checkpoint.epoch + 1
 
     def save(self, directory: Path, epoch: int) -> None:
@@ -189,7 +203,7 @@ class Training:
             if point <= self.images_seen:
                 continue
             train = self.train_to(point)
-            val = train if train.diverged else self.evaluate()
+            val = self.evaluate() if len(self.val_labels) and not train.diverged else None
             yield Report(self.images_seen, self.images_seen / self.epoch_images, train, val)
             if train.diverged:
                 return
@@ -231,19 +245,37 @@ class Training:
         if self._order is None or self._order[0] != epoch:
             order = torch.randperm(self.epoch_images, generator=batch_order(self.seed, epoch))
             self._order = (epoch, order.to(self.device))
+            # The epoch's crops and flips, as reproducible as its order.
+            self._augmentation = torch.Generator().manual_seed(
+                batch_order(self.seed, epoch).initial_seed() + 1
+            )
         return self._order[1]
 
     def step(self, batch: Tensor) -> None:
-        """One SGD step on the training images the index tensor picks, eagerly."""
-        labels = self.train_labels[batch]
+        """One SGD step on the training images the index tensor picks, as the recipe says."""
+        recipe = self.recipe
+        if recipe.schedule != "constant":
+            lr = recipe.learning_rate(self.spec.config.lr, self.steps_taken, self.total_steps)
+            set_learning_rate(self.optimizer, lr)
+        labels, images = self.train_labels[batch], self.train_images[batch]
+        if recipe.augment:
+            images = augment(images, self._augmentation)
         with self.autocast():
-            scores = self.model(self.normalize(self.train_images[batch]))
-        loss = F.cross_entropy(scores.float(), labels)  # the loss in fp32 whatever the precision
+            scores = self.model(self.normalize(images))
+        # The loss in fp32 whatever the precision.
+        loss = F.cross_entropy(scores.float(), labels, label_smoothing=recipe.label_smoothing)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.model.state_dict())
+        self.steps_taken += 1
         self.loss_sum += loss.detach() * len(batch)
         self.correct += (scores.detach().argmax(dim=1) == labels).sum()
+
+    def final_state(self) -> dict[str, Tensor]:
+        """The weights to keep: their average where the recipe takes one, else the last."""
+        return dict(self.average.average) if self.average is not None else self.model.state_dict()
 
     @torch.no_grad()
     def evaluate(self, images: Tensor | None = None, labels: Tensor | None = None) -> EpochResult:
@@ -252,14 +284,41 @@ class Training:
             images, labels = self.val_images, self.val_labels
         else:
             images, labels = place_images(images, self.device), labels.to(self.device)
+        with self._averaged_weights():
+            return self._evaluate(images, labels)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """The model's scores for the given (CPU, uint8) images, on the CPU."""
+        with self._averaged_weights():
+            return torch.cat([scores.cpu() for scores in self._scores(place_images(images, self.device))])
+
+    def _scores(self, images: Tensor) -> Iterator[Tensor]:
+        """The model's fp32 scores for images on the device, a batch at a time."""
         self.model.eval()
+        for start in range(0, len(images), EVAL_BATCH):
+            with self.autocast():
+                yield self.model(self.normalize(images[start : start + EVAL_BATCH])).float()
+
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """The average of the weights in the model for a while, where the recipe keeps one."""
+        if self.average is None:
+            yield
+            return
+        current = {name: value.clone() for name, value in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average.average)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(current)
+
+    def _evaluate(self, images: Tensor, labels: Tensor) -> EpochResult:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for start in range(0, len(labels), EVAL_BATCH):
+        for start, scores in zip(range(0, len(labels), EVAL_BATCH), self._scores(images), strict=True):
             batch_labels = labels[start : start + EVAL_BATCH]
-            with self.autocast():
-                scores = self.model(self.normalize(images[start : start + EVAL_BATCH])).float()
             loss_sum += F.cross_entropy(scores, batch_labels, reduction="sum")
             correct += (scores.argmax(dim=1) == batch_labels).sum()
         return _result(loss_sum, correct, len(labels), started)

@@ -199,6 +199,19 @@ class HandWrittenSGD:
 Optimizer = HandWrittenSGD | torch.optim.Optimizer
 
 
+def set_learning_rate(optimizer: Optimizer, lr: float) -> None:
+    if isinstance(optimizer, HandWrittenSGD):
+        optimizer.lr = lr
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def learning_rate(optimizer: Optimizer) -> float:
+    """The learning rate the last step took."""
+    return optimizer.lr if isinstance(optimizer, HandWrittenSGD) else optimizer.param_groups[0]["lr"]
+
+
 def build_optimizer(model: ConvNet, config: TrialConfig) -> Optimizer:
     if config.model == "barebones":
         return HandWrittenSGD(model.parameters(), config.lr, config.weight_decay)

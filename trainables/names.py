@@ -37,7 +37,8 @@ PRECISION = "precision"  # fp32 or bf16, as a trial resolved it on its device: l
 PARAMETERS = "parameters"  # the model's weights and biases, counted: logged as a param
 RUN_PARAMS = (PRECISION, PARAMETERS)  # what a trial reports once, for its run's params
 BEST_METRIC = f"best_{METRIC}"  # a trial's best epoch, the one whose checkpoint is logged
-TEST_ACC = "test_acc"
+TEST_ACC = "test_acc"  # a retrain's, on the test images; with _low and _high, its 95% interval
+LEARNING_RATE = "lr"  # a retrain's, at the last step of each epoch
 TEST_LOSS = "test_loss"
 
 # Tags that tie runs to sweeps, trials and each other.
@@ -67,6 +68,9 @@ ACCURACY_PNG = "accuracy_by_hyperparameter.png"
 CURVES_PNG = "learning_curves.png"
 SUMMARY_MD = "summary.md"
 BEST_JSON = "best.json"
+PER_CLASS_JSON = "per_class_accuracy.json"  # a retrain's test accuracy, class by class
+PER_CLASS_MD = "per_class_accuracy.md"
+CONFUSION_PNG = "confusion_matrix.png"
 REPORT_ARTIFACTS = (
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,

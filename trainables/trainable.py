@@ -83,7 +83,7 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
             training.load(load_checkpoint(Path(directory)))
 
     for report in training.reports(settings.report_points(training.epoch_images)):
-        spent_s += report.train.seconds + report.val.seconds
+        spent_s += report.seconds
         cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: spent_s}
         results = {**_metrics(report), **cost, **about}
         if report.diverged:
@@ -99,17 +99,18 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
 
 def _metrics(report: Report) -> dict[str, float]:
     train, val = report.train, report.val
-    return {
-        METRIC: val.accuracy,
-        VAL_LOSS: val.loss,
+    metrics = {
         TRAIN_LOSS: train.loss,
         TRAIN_ACC: train.accuracy,
         TRAIN_IMAGES_PER_S: train.images_per_s,
-        EPOCH_TIME_S: train.seconds + val.seconds,
+        EPOCH_TIME_S: report.seconds,
         EPOCH: report.epoch,
         IMAGES_SEEN: report.images_seen,
         DIVERGED: 0.0,
     }
+    if val is not None:  # a sweep always validates, but for a diverged stretch
+        metrics.update({METRIC: val.accuracy, VAL_LOSS: val.loss})
+    return metrics
 
 
 def _use_assigned_cpus() -> None:

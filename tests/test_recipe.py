@@ -1,0 +1,65 @@
+"""How a config is trained: the learning rate over a run, augmentation done on the device, a
+weight average. Plain PyTorch, no Ray and no MLflow."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from trainables.errors import InputError
+from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe, WeightAverage, augment
+
+
+def test_the_assignments_recipe_keeps_the_configs_learning_rate_throughout():
+    assert {ASSIGNMENT.learning_rate(0.01, step, 100) for step in range(100)} == {0.01}
+    assert not ASSIGNMENT.augment and ASSIGNMENT.label_smoothing == 0 and ASSIGNMENT.ema_decay is None
+
+
+def test_one_cycle_warms_up_to_its_peak_then_decays_towards_zero():
+    recipe = Recipe(schedule="onecycle", peak_lr_factor=2.0, warmup_fraction=0.1)
+    rates = [recipe.learning_rate(0.01, step, 1000) for step in range(1000)]
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(0.02) and peak == 99  # the end of the warm-up, 10% in
+    assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))  # rising
+    assert all(a >= b for a, b in itertools.pairwise(rates[peak:]))  # then falling
+    assert rates[0] == pytest.approx(0.02 / 100) and rates[-1] < 0.02 * 1e-4  # close to 0 at the end
+
+
+def test_crops_and_flips_move_pixels_and_never_invent_them():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding shows as 0
+    augmented = augment(images, generator)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert augmented.is_contiguous(memory_format=torch.channels_last)
+    for original, moved in zip(images, augmented, strict=True):
+        inside = moved[:, moved.sum(dim=(0, 2)) > 0][:, :, moved.sum(dim=(0, 1)) > 0]  # the padding cut off
+        rows, columns = inside.shape[1:]
+        assert rows >= 28 and columns >= 28  # at most 4 pixels of padding on a side
+        window = [
+            original[:, top : top + rows, left : left + columns]
+            for top in (0, 32 - rows)
+            for left in (0, 32 - columns)
+        ]
+        assert any(torch.equal(inside, part) or torch.equal(inside, part.flip(-1)) for part in window)
+    # Half of the images, roughly, are flipped; and another generator state gives other crops.
+    assert not torch.equal(augment(images, generator), augmented)
+
+
+def test_the_weight_average_moves_a_small_way_towards_each_new_state():
+    start = {"w": torch.zeros(3)}
+    average = WeightAverage(start, decay=0.9)
+    average.update({"w": torch.ones(3)})
+    assert torch.allclose(average.average["w"], torch.full((3,), 0.1))
+    assert torch.equal(start["w"], torch.zeros(3))  # the model's own weights are not the average's
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"schedule": "cosine-ish"}, {"peak_lr_factor": 0.0}, {"warmup_fraction": 1.0}, {"label_smoothing": 1.0},
+     {"ema_decay": 1.0}],
+)  # fmt: skip
+def test_a_recipe_out_of_range_is_refused_in_words(change):
+    with pytest.raises(InputError):
+        Recipe(**{**LONG_RUN.__dict__, **change})
