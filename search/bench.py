@@ -48,6 +48,7 @@ from search.cli import (
     positive_int,
     run_command,
 )
+from search.search_bench import AUDIT_IMAGES, STRATEGIES, run_search_benchmark
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
 from search.tracking.store import child_runs
@@ -336,6 +337,10 @@ def measure_sweeps(
     return figures
 
 
+def _seeds(text: str) -> list[int]:
+    return [int(non_negative_int(part)) for part in text.split(",")]
+
+
 def _sections(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in SECTIONS]
@@ -380,7 +385,20 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=non_negative_int, default=default(SweepSettings, "seed"), help="of all"
     )
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
+    search = parser.add_argument_group("the search benchmark (instead of the sections)")
+    search.add_argument("--search", action="store_true", help="compare search strategies at equal compute")
+    search.add_argument("--search-seeds", type=_seeds, default=[0, 1, 2], help="e.g. 0,1,2")
+    search.add_argument(
+        "--audit-images", type=positive_int, default=AUDIT_IMAGES, help="held out of every sweep"
+    )
+    search.add_argument("--out", type=Path, default=Path("."), help="where its table (JSON) and plot go")
     args = parser.parse_args(argv)
+    if args.search:
+        data = data_settings(args, seed=args.seed)
+        figures = run_search_benchmark(data, args.search_seeds, STRATEGIES, args.out, args.audit_images)
+        if args.json:
+            print(json.dumps(figures))
+        return EXIT_OK
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

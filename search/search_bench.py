@@ -1,0 +1,251 @@
+"""`python -m search.bench --search`: which search strategy picks the best config for the same compute.
+
+Each strategy sweeps the same images with several seeds, spending about the same
+compute (epochs of training, in all). It is judged by what it picked, not by its
+own best validation accuracy: the maximum of many noisy estimates is biased
+upward, and the more configs a sweep tries, the more. So 5,000 of the training
+images are held out of every sweep's reach (the audit split); each sweep's pick is
+trained again for one epoch with another seed, on the sweep's own training
+images, and scored on the audit split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from search.sweep.engine import run_sweep, start_ray
+from search.sweep.settings import SweepSettings
+from search.tracking.store import best_child_run, child_runs
+from trainables.checkpoint import ModelSpec
+from trainables.config import DataSettings, TrialConfig
+from trainables.data import (
+    ImageSplits,
+    LabeledImages,
+    list_images,
+    load_images,
+    load_splits,
+    stratified_split,
+)
+from trainables.loop import Training
+from trainables.names import BEST_METRIC, EPOCH, METRIC
+from trainables.stats import wilson_interval
+
+AUDIT_IMAGES = 5000  # the default of --audit-images
+AUDIT_SEED = 20261127  # the audit split is the same for every strategy and seed
+RETRAIN_SEED_OFFSET = 1000  # the pick is trained again from other initial weights and batch order
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    sampler: str
+    rungs: int  # 1: ASHA decides at epoch ends only; 3: also after a ninth and a third of an epoch
+    num_samples: int
+
+
+# At the compute of the old default (8 one-epoch trials): with rungs at a ninth and a third of an epoch,
+# 20 trials share it (asynchronous ASHA promotes generously early on: 0.42 epochs a trial, measured).
+STRATEGIES = (
+    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=8),
+    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=8),
+    Strategy("random, rungs within the epoch", "random", rungs=3, num_samples=20),
+    Strategy("TPE, rungs within the epoch", "tpe", rungs=3, num_samples=20),
+    Strategy("GP, rungs within the epoch", "gp", rungs=3, num_samples=20),
+)
+
+
+@dataclass
+class SweepResult:
+    strategy: str
+    seed: int
+    audit_accuracy: float  # the pick, trained again, on the audit split
+    best_val_accuracy: float  # what the sweep itself reported for its pick
+    configs: int  # trials the sweep started
+    epochs_spent: float  # compute: all the images its trials trained on, in epochs
+    wall_s: float
+    pick: dict[str, Any]
+    curve: list[tuple[float, float]]  # (epochs spent, best full-fidelity validation accuracy so far)
+
+
+def run_search_benchmark(
+    data: DataSettings, seeds: list[int], strategies: tuple[Strategy, ...], out: Path, audit_images: int
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="search-bench-") as links:
+        audit, sweep_folder = _hold_out_audit(data, audit_images, Path(links))
+        results = _sweep_each(strategies, seeds, data, audit, sweep_folder)
+    figures = _table(results, strategies, seeds, data.val_size, audit_images)
+    _plot_curves(results, strategies).savefig(out / "search_benchmark.png", dpi=100)
+    (out / "search_benchmark.json").write_text(
+        json.dumps({"figures": figures, "sweeps": [asdict(r) for r in results]}, indent=2)
+    )
+    return figures
+
+
+def _sweep_each(
+    strategies: tuple[Strategy, ...],
+    seeds: list[int],
+    data: DataSettings,
+    audit: LabeledImages,
+    sweep_folder: Path,
+) -> list[SweepResult]:
+    sweep_data = DataSettings(
+        source=str(sweep_folder),
+        root=data.root,
+        val_size=data.val_size,
+        max_train_images=data.max_train_images,
+    )
+    print(f"Audit split: {len(audit.labels)} images held out; sweeps see the other {_count(sweep_folder)}")
+    results = []
+    owns_ray = start_ray(address=None, output="quiet")
+    try:
+        for seed in seeds:
+            for strategy in strategies:
+                result = _sweep_and_audit(strategy, seed, sweep_data, audit)
+                results.append(result)
+                print(
+                    f"  seed {seed}, {strategy.name}: audit {result.audit_accuracy:.4f}, best validation "
+                    f"{result.best_val_accuracy:.4f}, {result.configs} configs, {result.epochs_spent:.1f} "
+                    f"epochs, {result.wall_s:.0f} s",
+                    flush=True,
+                )
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    return results
+
+
+def _hold_out_audit(data: DataSettings, audit_images: int, links: Path) -> tuple[LabeledImages, Path]:
+    """The audit images (in memory), and a folder of links to all the others for the sweeps."""
+    images = load_images(data, "train")  # the same files, in the same order, as list_images gives
+    audit_index, _ = stratified_split(images.labels, audit_images, AUDIT_SEED)
+    audited = set(audit_index.tolist())
+    folder = links / "images"
+    for index, (_, path) in enumerate(list_images(Path(data.source) / "train").files):
+        if index not in audited:
+            target = folder / "train" / Path(path).parent.name / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    audit = LabeledImages(images.images[audit_index], images.labels[audit_index], images.classes, "audit")
+    return audit, folder
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in (folder / "train").rglob("*.*"))
+
+
+def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: LabeledImages) -> SweepResult:
+    with tempfile.TemporaryDirectory() as workdir:
+        settings = SweepSettings(
+            space="nesterov",
+            data=DataSettings(**{**asdict(data), "seed": seed}),
+            epochs=1,
+            num_samples=strategy.num_samples,
+            rungs=strategy.rungs,
+            sampler=strategy.sampler,
+            warm_start=False,  # each sweep starts from nothing: a fair comparison
+            seed=seed,
+            tracking_uri=f"sqlite:///{workdir}/mlflow.db",
+            storage_path=f"{workdir}/ray",
+            name=f"{strategy.sampler}-{strategy.rungs}-{seed}",
+            output="quiet",
+        )
+        started = time.perf_counter()
+        outcome = run_sweep(settings)
+        wall_s = time.perf_counter() - started
+        client = MlflowClient(settings.tracking_uri)
+        children = child_runs(client, client.get_run(outcome.parent_run_id))
+        pick = best_child_run(children)
+        assert pick is not None, f"no trial of {settings.sweep_name} trained to the end"
+        config = TrialConfig.from_params(pick.data.params)
+        splits = load_splits(settings.data)
+        curve, spent, best = [], 0.0, 0.0
+        for run in sorted(children, key=lambda run: run.info.end_time or 0):
+            spent += run.data.metrics.get(EPOCH, 0.0)  # how far the trial trained
+            if BEST_METRIC in run.data.metrics:
+                best = max(best, run.data.metrics[BEST_METRIC])
+            curve.append((spent, best))
+    audit_accuracy = _audit(config, splits, audit, seed + RETRAIN_SEED_OFFSET)
+    best_val = pick.data.metrics[BEST_METRIC]
+    return SweepResult(
+        strategy.name, seed, audit_accuracy, best_val, len(children), spent, wall_s, config.to_dict(), curve
+    )
+
+
+def _audit(config: TrialConfig, splits: ImageSplits, audit: LabeledImages, seed: int) -> float:
+    """The config trained for one epoch on the sweep's training images, scored on the audit split."""
+    audit_images = audit.images.contiguous(memory_format=torch.channels_last)
+    audited = ImageSplits(
+        splits.train_images, splits.train_labels, audit_images, audit.labels,
+        splits.classes, splits.mean, splits.std, "audit",
+    )  # fmt: skip
+    spec = ModelSpec(config, audited.input_shape, audited.classes, audited.mean, audited.std)
+    (report,) = Training(spec, audited, seed, torch.device("cpu")).epochs(1, 1)
+    return 0.0 if report.diverged or report.val is None else report.val.accuracy
+
+
+def _table(
+    results: list[SweepResult],
+    strategies: tuple[Strategy, ...],
+    seeds: list[int],
+    val_size: int,
+    audited: int,
+) -> dict[str, Any]:
+    print(f"\nPicks trained again for one epoch, scored on {audited} audit images, {len(seeds)} seeds:")
+    figures = {}
+    for strategy in strategies:
+        mine = [result for result in results if result.strategy == strategy.name]
+        audits = [result.audit_accuracy for result in mine]
+        best = [result.best_val_accuracy for result in mine]
+        spread = statistics.stdev(audits) if len(audits) > 1 else 0.0
+        low, high = wilson_interval(statistics.mean(best), val_size)
+        row = {
+            "audit_mean": statistics.mean(audits),
+            "audit_sd": spread,
+            "audit_median": statistics.median(audits),
+            "audit_per_seed": audits,
+            "best_val_mean": statistics.mean(best),
+            "best_val_interval_95": [low, high],
+            "configs_mean": statistics.mean(result.configs for result in mine),
+            "epochs_spent_mean": statistics.mean(result.epochs_spent for result in mine),
+            "wall_s_mean": statistics.mean(result.wall_s for result in mine),
+        }
+        figures[strategy.name] = row
+        each = ", ".join(f"{accuracy:.4f}" for accuracy in audits)
+        print(f"  {strategy.name}:")
+        print(f"    audit {row['audit_mean']:.4f} ± {spread:.4f} (median {row['audit_median']:.4f}; {each})")
+        print(f"    best validation {row['best_val_mean']:.4f} (95% interval {low:.4f}-{high:.4f})")
+        spent = f"{row['epochs_spent_mean']:.1f} epochs, {row['wall_s_mean']:.0f} s"
+        print(f"    {row['configs_mean']:.0f} configs, {spent}")
+    return figures
+
+
+def _plot_curves(results: list[SweepResult], strategies: tuple[Strategy, ...]) -> Figure:
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.add_subplot()
+    for color, strategy in zip(
+        ("tab:gray", "tab:blue", "tab:olive", "tab:orange", "tab:green"), strategies, strict=False
+    ):
+        for index, result in enumerate(r for r in results if r.strategy == strategy.name):
+            spent, best = zip(*result.curve, strict=True) if result.curve else ((), ())
+            axes.step(
+                spent, best, where="post", color=color, alpha=0.8, label=strategy.name if index == 0 else None
+            )
+    axes.set_xlabel("compute spent (epochs of training, all trials)")
+    axes.set_ylabel(f"best {METRIC} so far (full fidelity)")
+    axes.set_title("Best-so-far against compute, one line per seed")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
