@@ -35,7 +35,7 @@ from trainables.checkpoint import ModelSpec
 from trainables.config import PRECISIONS, DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
-from trainables.loop import Training
+from trainables.loop import Report, Training
 from trainables.model import as_module, learning_rate
 from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
 from trainables.recipe import ASSIGNMENT, LONG_RUN, SCHEDULES, Recipe
@@ -94,7 +94,7 @@ def retrain(
             if report.val is not None:
                 metrics.update({METRIC: report.val.accuracy, VAL_LOSS: report.val.loss})
             run.log_metrics(metrics, step=epoch)
-            _progress(epoch, settings.epochs, report.train.loss, report.val, time.perf_counter() - started)
+            _progress(epoch, settings.epochs, report, time.perf_counter() - started)
         training.model.load_state_dict(training.final_state())
         tested = TestResult(training.predict(test.images), test.labels, test.classes)
         low, high = wilson_interval(tested.accuracy, len(test))
@@ -122,7 +122,7 @@ def _recipe_params(settings: RetrainSettings, precision: str) -> dict[str, Any]:
 
 
 def _diverged(best: BestTrial, settings: RetrainSettings, epoch: int) -> str:
-    peak = best.spec.config.lr * settings.recipe.peak_lr_factor
+    peak = settings.recipe.peak_lr(best.spec.config.lr, best.spec.config.momentum)
     return (
         f"training diverged in epoch {epoch} (the loss is no longer finite) at a peak learning rate of "
         f"{peak:.3g}: lower it with --peak-lr-factor (now {settings.recipe.peak_lr_factor:g}), "
@@ -130,13 +130,11 @@ def _diverged(best: BestTrial, settings: RetrainSettings, epoch: int) -> str:
     )
 
 
-def _progress(epoch: int, epochs: int, loss: float, val: Any, elapsed_s: float) -> None:
+def _progress(epoch: int, epochs: int, report: Report, elapsed_s: float) -> None:
     eta = elapsed_s / epoch * (epochs - epoch)
-    watched = f", holdout accuracy {val.accuracy:.4f}" if val is not None else ""
-    print(
-        f"epoch {epoch}/{epochs}: train loss {loss:.4f}{watched} | {elapsed_s:.0f}s, ETA {eta:.0f}s",
-        flush=True,
-    )
+    trained = f"train loss {report.train.loss:.4f}, accuracy {report.train.accuracy:.4f}"
+    watched = f", holdout accuracy {report.val.accuracy:.4f}" if report.val is not None else ""
+    print(f"epoch {epoch}/{epochs}: {trained}{watched} | {elapsed_s:.0f}s, ETA {eta:.0f}s", flush=True)
 
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
@@ -149,7 +147,15 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     )
     changes = {
         name: getattr(args, name)
-        for name in ("schedule", "peak_lr_factor", "augment", "label_smoothing", "ema_decay")
+        for name in (
+            "schedule",
+            "peak_lr_factor",
+            "max_effective_step",
+            "augment",
+            "crop_padding",
+            "label_smoothing",
+            "ema_decay",
+        )
         if getattr(args, name) is not None
     }
     return dataclasses.replace(base, **changes)
@@ -177,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument(
         "--peak-lr-factor", type=positive_float, help="the peak, as a multiple of the config's lr"
     )
+    recipe.add_argument(
+        "--max-effective-step", type=positive_float, help="the most the peak may be as lr / (1 - momentum)"
+    )
     recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crops and flips")
+    recipe.add_argument(
+        "--crop-padding", type=non_negative_int, help="pixels around the image to crop from; 0: flips only"
+    )
     recipe.add_argument("--label-smoothing", type=non_negative_float)
     recipe.add_argument(
         "--ema-decay", type=positive_float, help="keep an average of the weights (e.g. 0.999)"

@@ -45,6 +45,7 @@ from trainables.names import (
     TRIAL_TABLE_ARTIFACT,
 )
 from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
+from trainables.recipe import LONG_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -228,8 +229,10 @@ def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the
     config_lr = edited["optimizer"]["lr"]
     if recipe == "assignment":  # the sweep's recipe: the config's learning rate throughout
         assert retrained.data.params["recipe_schedule"] == "constant" and lrs == [config_lr] * 2
-    else:  # more than one epoch: one cycle, decaying towards 0 by the end
-        assert retrained.data.params["recipe_schedule"] == "onecycle" and lrs[1] < lrs[0] <= config_lr
+    else:  # more than one epoch: one cycle, to a peak above the config's rate, decaying towards 0
+        peak = LONG_RUN.peak_lr(config_lr, edited["optimizer"]["momentum"])
+        assert retrained.data.params["recipe_schedule"] == "onecycle" and lrs[1] < lrs[0] <= peak
+        assert peak > config_lr
 
     low, high = metrics["test_acc_interval_95"]
     assert low <= metrics["test_acc"] <= high and retrained.data.metrics["test_acc"] == metrics["test_acc"]

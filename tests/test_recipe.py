@@ -13,13 +13,14 @@ from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe, WeightAverage, augme
 
 
 def test_the_assignments_recipe_keeps_the_configs_learning_rate_throughout():
-    assert {ASSIGNMENT.learning_rate(0.01, step, 100) for step in range(100)} == {0.01}
+    peak = ASSIGNMENT.peak_lr(0.01, momentum=0.5)
+    assert {ASSIGNMENT.learning_rate(peak, step, 100) for step in range(100)} == {0.01}
     assert not ASSIGNMENT.augment and ASSIGNMENT.label_smoothing == 0 and ASSIGNMENT.ema_decay is None
 
 
 def test_one_cycle_warms_up_to_its_peak_then_decays_towards_zero():
     recipe = Recipe(schedule="onecycle", peak_lr_factor=2.0, warmup_fraction=0.1)
-    rates = [recipe.learning_rate(0.01, step, 1000) for step in range(1000)]
+    rates = [recipe.learning_rate(recipe.peak_lr(0.01, momentum=0.9), step, 1000) for step in range(1000)]
     peak = rates.index(max(rates))
     assert max(rates) == pytest.approx(0.02) and peak == 99  # the end of the warm-up, 10% in
     assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))  # rising
@@ -27,10 +28,17 @@ def test_one_cycle_warms_up_to_its_peak_then_decays_towards_zero():
     assert rates[0] == pytest.approx(0.02 / 100) and rates[-1] < 0.02 * 1e-4  # close to 0 at the end
 
 
+def test_the_peak_is_a_multiple_of_the_configs_rate_up_to_the_largest_effective_step():
+    recipe = Recipe(schedule="onecycle", peak_lr_factor=4.0, max_effective_step=0.12)
+    assert recipe.peak_lr(0.005, momentum=0.75) == pytest.approx(0.02)  # a step of 0.08: x4 stands
+    assert recipe.peak_lr(0.01, momentum=0.75) == pytest.approx(0.03)  # x4 would be a step of 0.16
+    assert recipe.peak_lr(0.05, momentum=0.0) == pytest.approx(0.12)  # plain SGD: the step is the rate
+
+
 def test_crops_and_flips_move_pixels_and_never_invent_them():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding shows as 0
-    augmented = augment(images, generator)
+    augmented = augment(images, generator, 4)
     assert augmented.shape == images.shape and augmented.dtype == torch.uint8
     assert augmented.is_contiguous(memory_format=torch.channels_last)
     for original, moved in zip(images, augmented, strict=True):
@@ -44,7 +52,7 @@ def test_crops_and_flips_move_pixels_and_never_invent_them():
         ]
         assert any(torch.equal(inside, part) or torch.equal(inside, part.flip(-1)) for part in window)
     # Half of the images, roughly, are flipped; and another generator state gives other crops.
-    assert not torch.equal(augment(images, generator), augmented)
+    assert not torch.equal(augment(images, generator, 4), augmented)
 
 
 def test_the_weight_average_moves_a_small_way_towards_each_new_state():
@@ -57,8 +65,8 @@ def test_the_weight_average_moves_a_small_way_towards_each_new_state():
 
 @pytest.mark.parametrize(
     "change",
-    [{"schedule": "cosine-ish"}, {"peak_lr_factor": 0.0}, {"warmup_fraction": 1.0}, {"label_smoothing": 1.0},
-     {"ema_decay": 1.0}],
+    [{"schedule": "cosine-ish"}, {"peak_lr_factor": 0.0}, {"max_effective_step": 0.0},
+     {"warmup_fraction": 1.0}, {"label_smoothing": 1.0}, {"ema_decay": 1.0}],
 )  # fmt: skip
 def test_a_recipe_out_of_range_is_refused_in_words(change):
     with pytest.raises(InputError):

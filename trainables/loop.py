@@ -173,6 +173,7 @@ class Training:
         self.epoch_steps = math.ceil(self.epoch_images / self.batch_size)
         self.total_steps = self.epoch_steps * epochs
         self.average = WeightAverage(self.model.state_dict(), recipe.ema_decay) if recipe.ema_decay else None
+        self.peak_lr = recipe.peak_lr(spec.config.lr, spec.config.momentum)
         self._order: tuple[int, Tensor] | None = None  # an epoch and its batch order, made once
         self._augmentation = torch.Generator()  # the crops and flips, seeded with each epoch's order
         # Running sums of a stretch of training, kept on the device: read once, at its end.
@@ -255,11 +256,12 @@ class Training:
         """One SGD step on the training images the index tensor picks, as the recipe says."""
         recipe = self.recipe
         if recipe.schedule != "constant":
-            lr = recipe.learning_rate(self.spec.config.lr, self.steps_taken, self.total_steps)
-            set_learning_rate(self.optimizer, lr)
+            set_learning_rate(
+                self.optimizer, recipe.learning_rate(self.peak_lr, self.steps_taken, self.total_steps)
+            )
         labels, images = self.train_labels[batch], self.train_images[batch]
         if recipe.augment:
-            images = augment(images, self._augmentation)
+            images = augment(images, self._augmentation, recipe.crop_padding)
         with self.autocast():
             scores = self.model(self.normalize(images))
         # The loss in fp32 whatever the precision.

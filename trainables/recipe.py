@@ -24,8 +24,12 @@ SCHEDULES = ("constant", "onecycle")
 class Recipe:
     schedule: str = "constant"  # constant, or onecycle: a warm-up to the peak, then a cosine decay to 0
     peak_lr_factor: float = 1.0  # the peak learning rate, as a multiple of the config's
+    # The most the peak may be as an effective step, lr / (1 - momentum): a config whose one-epoch
+    # step was already large is not multiplied into the steps where training falls apart.
+    max_effective_step: float | None = None
     warmup_fraction: float = 0.15  # of all steps, for the warm-up of onecycle
-    augment: bool = False  # a random crop of the image padded by 4 pixels, and a horizontal flip
+    augment: bool = False  # a random crop of the padded image, and a horizontal flip
+    crop_padding: int = 4  # pixels of zeros around the image to crop from; 0: flips only
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # an exponential average of the weights, evaluated and kept
 
@@ -34,16 +38,26 @@ class Recipe:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (self.peak_lr_factor > 0 and math.isfinite(self.peak_lr_factor)):
             raise InputError(f"the peak learning rate factor must be > 0, got {self.peak_lr_factor}")
+        if self.max_effective_step is not None and not self.max_effective_step > 0:
+            raise InputError(f"the largest effective step must be > 0, got {self.max_effective_step}")
         if not 0 <= self.warmup_fraction < 1:
             raise InputError(f"the warm-up fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.crop_padding < 0:
+            raise InputError(f"the crop padding must be >= 0 pixels, got {self.crop_padding}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise InputError(f"the weight average's decay must be in (0, 1), got {self.ema_decay}")
 
-    def learning_rate(self, base_lr: float, step: int, total_steps: int) -> float:
-        """The learning rate of a step (from 0) out of total_steps."""
-        peak = base_lr * self.peak_lr_factor
+    def peak_lr(self, config_lr: float, momentum: float) -> float:
+        """The highest learning rate of the run, from the config's (its best constant one-epoch rate)."""
+        peak = config_lr * self.peak_lr_factor
+        if self.max_effective_step is not None:
+            peak = min(peak, self.max_effective_step * (1 - momentum))
+        return peak
+
+    def learning_rate(self, peak: float, step: int, total_steps: int) -> float:
+        """The learning rate of a step (from 0) out of total_steps, for a run that peaks at `peak`."""
         if self.schedule == "constant":
             return peak
         warmup = max(1, round(self.warmup_fraction * total_steps))
@@ -54,12 +68,22 @@ class Recipe:
 
 
 ASSIGNMENT = Recipe()
-# Chosen by measurement (see the README): a one-cycle schedule peaking at the config's learning rate,
-# crop-and-flip augmentation, label smoothing.
-LONG_RUN = Recipe(schedule="onecycle", peak_lr_factor=1.0, augment=True, label_smoothing=0.1)
+# Measured on a holdout of the training images (see the README): one cycle peaking at 4 times the
+# config's rate (x1, x2, x4, x8 trained to 66%, 68%, 69%, 48% in 10 epochs; x4 there was an effective
+# step of 0.11, x8 one of 0.22), flips and crops of a 2-pixel padding (4 pixels: 69%, 2: 70%, flips
+# alone: 66%; this model has no pooling, so large shifts are hard for it), label smoothing. A weight
+# average did not help.
+LONG_RUN = Recipe(
+    schedule="onecycle",
+    peak_lr_factor=4.0,
+    max_effective_step=0.12,
+    augment=True,
+    crop_padding=2,
+    label_smoothing=0.1,
+)
 
 
-def augment(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+def augment(images: Tensor, generator: torch.Generator, padding: int) -> Tensor:
     """Random crops of the images padded with zeros, half of them flipped: one batched gather on the
     images' device, no per-image Python. uint8 in, uint8 out."""
     count, channels, height, width = images.shape
