@@ -24,6 +24,7 @@ import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from search.cli import default
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
 from search.tracking.store import best_child_run, child_runs
@@ -53,15 +54,24 @@ class Strategy:
     rungs: int  # 1: ASHA decides at epoch ends only; 3: also after a ninth and a third of an epoch
     num_samples: int
 
+    @property
+    def is_default(self) -> bool:
+        """Whether this is what `search.run` does unless told otherwise."""
+        return (self.sampler, self.rungs, self.num_samples) == tuple(
+            default(SweepSettings, name) for name in ("sampler", "rungs", "num_samples")
+        )
 
-# At the compute of the old default (8 one-epoch trials): with rungs at a ninth and a third of an epoch,
-# 20 trials share it (asynchronous ASHA promotes generously early on: 0.42 epochs a trial, measured).
+
+# What ran before rungs within the epoch: 8 one-epoch trials, ASHA deciding at epoch ends only (so,
+# with one epoch, never). The compute every strategy is given: about 8 epochs of training.
+EPOCH_LEVEL_TRIALS = 8
+_RUNGS, _TRIALS = default(SweepSettings, "rungs"), default(SweepSettings, "num_samples")
 STRATEGIES = (
-    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=8),
-    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=8),
-    Strategy("random, rungs within the epoch", "random", rungs=3, num_samples=20),
-    Strategy("TPE, rungs within the epoch", "tpe", rungs=3, num_samples=20),
-    Strategy("GP, rungs within the epoch", "gp", rungs=3, num_samples=20),
+    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=EPOCH_LEVEL_TRIALS),
+    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=EPOCH_LEVEL_TRIALS),
+    Strategy("random, rungs within the epoch", "random", rungs=_RUNGS, num_samples=_TRIALS),
+    Strategy("TPE, rungs within the epoch", "tpe", rungs=_RUNGS, num_samples=_TRIALS),
+    Strategy("GP, rungs within the epoch", "gp", rungs=_RUNGS, num_samples=_TRIALS),
 )
 
 
@@ -224,7 +234,7 @@ def _table(
         }
         figures[strategy.name] = row
         each = ", ".join(f"{accuracy:.4f}" for accuracy in audits)
-        print(f"  {strategy.name}:")
+        print(f"  {strategy.name}{' (the default)' if strategy.is_default else ''}:")
         print(f"    audit {row['audit_mean']:.4f} ± {spread:.4f} (median {row['audit_median']:.4f}; {each})")
         print(f"    best validation {row['best_val_mean']:.4f} (95% interval {low:.4f}-{high:.4f})")
         spent = f"{row['epochs_spent_mean']:.1f} epochs, {row['wall_s_mean']:.0f} s"
