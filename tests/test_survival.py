@@ -90,10 +90,10 @@ def resume_to_the_end(settings: SweepSettings) -> None:
     """`search.run ... --resume` with the same arguments, which must finish the sweep."""
     resumed = start_sweep(settings, "--resume")
     try:
-        _, stderr = resumed.communicate(timeout=600)
+        stdout, stderr = resumed.communicate(timeout=600)
     finally:
         stop_process_group(resumed)
-    assert resumed.returncode == 0, stderr[-2000:]
+    assert resumed.returncode == 0, stdout[-2000:] + stderr[-2000:]
 
 
 def test_ctrl_c_stops_quickly_marks_runs_killed_and_a_resume_completes(slow_images, tmp_path):
