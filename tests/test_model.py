@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from trainables.config import TrialConfig
 from trainables.model import build_model, build_optimizer, initial_parameters, training_flops_per_image
@@ -89,3 +93,36 @@ def test_a_training_step_of_part_iv_is_about_39_mflop_an_image():
     flops = training_flops_per_image(TrialConfig(), INPUT_SHAPE, 10)
     forward = 32 * 32 * (32 * 3 * 25 + 16 * 32 * 9) + 16 * 32 * 32 * 10
     assert flops == 2 * (3 * forward - 32 * 32 * 32 * 3 * 25) == 39_124_992
+
+
+# Under bf16 autocast, oneDNN's AMX matmul killed the process with SIGFPE for these (batch, channel_2):
+# an epoch's last batch of 32 images with channel_2 = 48 (44,000 training images) ended such trials.
+AMX_CRASH_SHAPES = "32x48 24x64 16x96 12x128"
+BF16_STEPS = """
+import sys, torch
+from trainables.config import TrialConfig
+from trainables.model import build_model
+torch.set_num_threads(1)  # as a CPU trial runs
+style, optimizer = sys.argv[1], "sgd" if sys.argv[1] == "barebones" else "nesterov"
+for shape in sys.argv[2:]:
+    batch, channel_2 = map(int, shape.split("x"))
+    config = TrialConfig(model=style, optimizer=optimizer, channel_2=channel_2)
+    images = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = build_model(config, (3, 32, 32), 10)(images)
+    scores.float().sum().backward()
+    print(shape, scores.dtype, flush=True)
+"""
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_bf16_step_survives_the_shapes_that_crashed_amx_matmul(style):
+    # In a child process: a SIGFPE would end pytest itself.
+    steps = subprocess.run(
+        [sys.executable, "-c", BF16_STEPS, style, *AMX_CRASH_SHAPES.split()],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+    )  # fmt: skip
+    assert steps.returncode == 0, (steps.returncode, steps.stdout, steps.stderr[-500:])
+    # Every shape ran, its classifier in fp32.
+    expected = [f"{shape} torch.float32" for shape in AMX_CRASH_SHAPES.split()]
+    assert steps.stdout.splitlines() == expected
