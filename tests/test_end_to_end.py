@@ -10,7 +10,7 @@ import mlflow.pytorch
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import optuna_trials, reported_epochs, small_sweep, sweep_args
+from conftest import optuna_trials, reported_epochs, run_module, small_sweep, sweep_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -269,3 +269,23 @@ def test_a_retrain_whose_source_run_was_deleted_says_so_and_records_it(sweep, tm
         assert retrained.data.tags[SOURCE_RUN_STATE_TAG] == "deleted"
     finally:
         client.restore_run(best["mlflow"]["run_id"])
+
+
+def test_a_retrain_that_diverges_under_the_recipe_names_the_knob_and_keeps_its_epochs(sweep, tmp_path):
+    best_path = export_best(sweep, tmp_path)
+    edited = json.loads(best_path.read_text())
+    edited["optimizer"]["lr"] = 50.0  # a rate no model survives, peaked 4 times higher by the recipe
+    best_path.write_text(json.dumps(edited))
+    retrained = run_module(
+        "search.retrain", str(best_path), "--epochs", "3", "--max-effective-step", "1000", cwd=tmp_path
+    )
+    assert retrained.returncode == 2
+    (line,) = retrained.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("search.retrain: error: training diverged in epoch ")
+    assert "--peak-lr-factor" in line and "--recipe assignment" in line
+    client = sweep["client"]
+    experiment = client.get_experiment_by_name("cifar10-nesterov")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.role = 'retrain' and params.lr = '50.0'")
+    assert run.info.status == "FAILED"
+    diverged_in = int(line.split("epoch ")[1].split(" ")[0])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == diverged_in - 1  # all it logged
