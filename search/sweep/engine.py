@@ -48,9 +48,9 @@ from trainables.errors import InputError, first_line
 from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE
 from trainables.trainable import TrialSettings, train_convnet
 
-# A snapshot after every checkpoint is deliberate (num_to_keep=1): it is what lets a resume
-# after kill -9 continue trials from their latest epoch. Tune warns about it each time.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's snapshot of the sweep (what a resume after kill -9 restores) at most a second old, not
+# its default 10 s: trials under way then continue from a recent epoch. Read when the sweep starts.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # a trial's own lines, each with its trial's name
 
 GPUS_PER_TRIAL_WHEN_PRESENT = 0.25  # a trial of this model uses a small part of a modern GPU
@@ -222,9 +222,10 @@ def _sweep(
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1,  # the best; Tune also keeps the latest, for resuming
-                    checkpoint_score_attribute=METRIC,
-                    checkpoint_score_order=MODE,
+                    # Every epoch's checkpoint is kept: Tune deletes a pruned one at once but records
+                    # the next in its snapshot only later, so a kill -9 in between left a resume
+                    # naming a checkpoint that was gone, and the trial failed.
+                    num_to_keep=None,
                 ),
                 verbose=verbose,
             ),
