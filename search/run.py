@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.tracking_uri is not None:
         check_reachable(settings.tracking_uri)
     check_ray_address(settings.address)
+    settings.check_resumes_the_same_sweep()
     # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
     # an unreachable server or cluster, have been refused by then.
     from search.sweep.engine import run_sweep

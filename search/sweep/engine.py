@@ -122,8 +122,7 @@ def _check_resume(settings: SweepSettings) -> None:
             f"a sweep named {settings.sweep_name} is already in {settings.storage}: "
             "add --resume to continue it, or give another --name"
         )
-    if settings.resume and settings.identity_file.exists():
-        settings.check_resumes_the_same_sweep(json.loads(settings.identity_file.read_text()))
+    settings.check_resumes_the_same_sweep()
 
 
 def _sweep(

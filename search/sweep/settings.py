@@ -6,6 +6,7 @@ second, before it loads torch, Ray and MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -144,7 +145,11 @@ class SweepSettings:
             "--experiment": self.experiment_name,
         }
 
-    def check_resumes_the_same_sweep(self, recorded: dict[str, Any]) -> None:
+    def check_resumes_the_same_sweep(self) -> None:
+        """A --resume may change how the sweep runs, never what it is (its recorded `identity`)."""
+        if not self.resume or not self.identity_file.exists():
+            return
+        recorded = json.loads(self.identity_file.read_text())
         changed = [(flag, value) for flag, value in recorded.items() if self.identity().get(flag) != value]
         if changed:
             flag, value = changed[0]
