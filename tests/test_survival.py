@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from search.sweep.settings import SweepSettings
 from trainables.config import DataSettings
-from trainables.names import IMPORTANCE_JSON, RESUMED_AT_TAG
+from trainables.names import IMPORTANCE_JSON, RESUMED_AT_TAG, SUMMARY_MD
 
 pytestmark = pytest.mark.slow
 
@@ -227,6 +227,10 @@ def test_a_stop_signal_is_handled_like_ctrl_c_and_a_resume_completes(
     assert parent.info.status == "KILLED"
     statuses = {child.info.status for child in trial_runs(settings)}
     assert "RUNNING" not in statuses and "KILLED" in statuses
+    # Tune itself ended the sweep, even when the signal went to Ray's processes too: the report that
+    # closes an interrupted sweep is there (the watchdog, for a Ray gone under the signal, writes none).
+    artifacts = {item.path for item in MlflowClient(settings.tracking_uri).list_artifacts(parent.info.run_id)}
+    assert SUMMARY_MD in artifacts
 
     resume_to_the_end(settings)
     assert_complete_sweep(settings, parent.info.run_id)

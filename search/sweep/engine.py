@@ -6,6 +6,7 @@ shrunken `SweepSettings`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
-from search.sweep.signals import StopSignals
+from search.sweep.signals import StopSignals, held_back
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -101,15 +102,16 @@ def run_sweep(
     check_reachable(tracking_uri)
     check_ray_address(settings.address)
     splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
-    started_ray = start_ray(settings.address, settings.output)
-    try:
-        with StopSignals() as stop:  # after Ray's start, which sets a SIGTERM handler of its own
-            if on_abandon is not None:
-                stop.on_abandon.append(on_abandon)
-            return _sweep(settings, space, tracking_uri, splits, trainable, stop)
-    finally:
-        if started_ray:  # also flushes the workers' last log lines before the summary is printed
-            ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        with held_back():  # from the Ray processes started here, and until our handlers are in
+            if start_ray(settings.address, settings.output):
+                # Also flushes the workers' last log lines before the summary is printed.
+                stack.callback(ray.shutdown)
+            # After Ray's start, which sets a SIGTERM handler of its own.
+            stop = stack.enter_context(StopSignals())
+        if on_abandon is not None:
+            stop.on_abandon.append(on_abandon)
+        return _sweep(settings, space, tracking_uri, splits, trainable, stop)
 
 
 def _check_resume(settings: SweepSettings) -> None:

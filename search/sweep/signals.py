@@ -6,9 +6,14 @@ resume command is printed. Here the first one asks Tune to end the sweep the way
 Ctrl-C does (a last snapshot, runs marked KILLED, the resume command printed), and
 a second one leaves at once, as a second Ctrl-C does.
 
-When the signal went to the whole process group, Ray's own processes are gone with
-it and Tune cannot end anything: after a grace period a watchdog closes the runs
-itself (`abandon`), and leaves with the signal's exit code.
+A signal sent to the whole process group (a batch scheduler, a closed terminal)
+must not reach the Ray processes the sweep started: they would die at once, and the
+driver's next call into Ray would end it with exit 1, its runs left RUNNING. Ray
+starts its processes with SIGINT blocked, so that Ctrl-C reaches the driver alone;
+`held_back` does the same for SIGTERM and SIGHUP, since a process inherits the
+signals blocked in the thread that starts it. Should Ray die anyway, a watchdog
+closes the runs itself after a grace period (`abandon`), and leaves with the
+signal's exit code.
 """
 
 from __future__ import annotations
@@ -17,11 +22,24 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def held_back() -> Iterator[None]:
+    """Blocks SIGTERM and SIGHUP in this thread meanwhile, and for good in the processes it starts.
+
+    One that arrives meanwhile waits, and is handled as soon as the block ends.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class SweepStopped(Exception):
