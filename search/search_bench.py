@@ -1,12 +1,13 @@
 """`python -m search.bench --search`: which search strategy picks the best config for the same compute.
 
-Each strategy sweeps the same images with several seeds, spending about the same
-compute (epochs of training, in all). It is judged by what it picked, not by its
-own best validation accuracy: the maximum of many noisy estimates is biased
-upward, and the more configs a sweep tries, the more. So 5,000 of the training
-images are held out of every sweep's reach (the audit split); each sweep's pick is
-trained again for one epoch with another seed, on the sweep's own training
-images, and scored on the audit split.
+Each strategy sweeps the same images with several seeds. Those with one-epoch trials
+and no rungs within the epoch get as many trials as the default trained epochs on
+the same seed, so that they spend the same compute (epochs of training, in all).
+A strategy is judged by what it picked, not by its own best validation accuracy:
+the maximum of many noisy estimates is biased upward, and the more configs a sweep
+tries, the more. So 5,000 of the training images are held out of every sweep's
+reach (the audit split); each sweep's pick is trained again for one epoch with
+another seed, on the sweep's own training images, and scored on the audit split.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ class Strategy:
     name: str
     sampler: str
     rungs: int  # 1: ASHA decides at epoch ends only; 3: also after a ninth and a third of an epoch
-    num_samples: int
+    # None: as many one-epoch trials as the default strategy trained epochs on the same seed, so
+    # that the strategies without rungs within the epoch spend the same compute as it.
+    num_samples: int | None
 
     @property
     def is_default(self) -> bool:
@@ -62,15 +65,14 @@ class Strategy:
         )
 
 
-# What ran before rungs within the epoch: 8 one-epoch trials, ASHA deciding at epoch ends only (so,
-# with one epoch, never). The compute every strategy is given: about 8 epochs of training.
-EPOCH_LEVEL_TRIALS = 8
+# What ran before rungs within the epoch: one-epoch trials, ASHA deciding at epoch ends only (so,
+# with one epoch, never). Each gets the compute that the default spends.
 _RUNGS, _TRIALS = default(SweepSettings, "rungs"), default(SweepSettings, "num_samples")
 STRATEGIES = (
-    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=EPOCH_LEVEL_TRIALS),
-    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=EPOCH_LEVEL_TRIALS),
-    Strategy("random, rungs within the epoch", "random", rungs=_RUNGS, num_samples=_TRIALS),
     Strategy("TPE, rungs within the epoch", "tpe", rungs=_RUNGS, num_samples=_TRIALS),
+    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=None),
+    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=None),
+    Strategy("random, rungs within the epoch", "random", rungs=_RUNGS, num_samples=_TRIALS),
     Strategy("GP, rungs within the epoch", "gp", rungs=_RUNGS, num_samples=_TRIALS),
 )
 
@@ -120,8 +122,15 @@ def _sweep_each(
     owns_ray = start_ray(address=None, output="quiet")
     try:
         for seed in seeds:
-            for strategy in strategies:
+            default_spent = None  # the default runs first: the epochs it trained on this seed
+            for strategy in sorted(strategies, key=lambda strategy: not strategy.is_default):
+                if strategy.num_samples is None:
+                    if default_spent is None:
+                        raise ValueError(f"{strategy.name} matches the default's compute: run it too")
+                    strategy = replace(strategy, num_samples=max(1, round(default_spent)))
                 result = _sweep_and_audit(strategy, seed, sweep_data, audit)
+                if strategy.is_default:
+                    default_spent = result.epochs_spent
                 results.append(result)
                 print(
                     f"  seed {seed}, {strategy.name}: audit {result.audit_accuracy:.4f}, best validation "
