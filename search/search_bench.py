@@ -93,9 +93,24 @@ class SweepResult:
 def run_search_benchmark(
     data: DataSettings, seeds: list[int], strategies: tuple[Strategy, ...], out: Path, audit_images: int
 ) -> dict[str, Any]:
+    """Sweeps with each strategy and seed, then prints the table and writes it with the plot.
+
+    The full benchmark takes hours on a small machine, so each sweep's result is written to
+    OUT/search_benchmark_sweeps.json as soon as it is measured, and a later run under the same
+    conditions reuses those it finds there instead of sweeping again: a run that was stopped
+    goes on where it was, and seeds can be added one run at a time. Delete the file to start over.
+    """
+    conditions = {
+        "data": asdict(data),
+        "audit_images": audit_images,
+        "audit_seed": AUDIT_SEED,
+        "strategies": [asdict(strategy) for strategy in strategies],
+        "defaults": asdict(SweepSettings(space="nesterov")),
+    }
+    record = SweepRecord(out / "search_benchmark_sweeps.json", conditions)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as links:
         audit, sweep_folder = _hold_out_audit(data, audit_images, Path(links))
-        results = _sweep_each(strategies, seeds, data, audit, sweep_folder)
+        results = _sweep_each(strategies, seeds, data, audit, sweep_folder, record)
     figures = _table(results, strategies, seeds, data.val_size, audit_images)
     _plot_curves(results, strategies).savefig(out / "search_benchmark.png", dpi=100)
     (out / "search_benchmark.json").write_text(
@@ -104,12 +119,42 @@ def run_search_benchmark(
     return figures
 
 
+class SweepRecord:
+    """The sweeps measured so far under one set of conditions, kept in a JSON file."""
+
+    def __init__(self, path: Path, conditions: dict[str, Any]) -> None:
+        self.path = path
+        self.conditions = json.loads(json.dumps(conditions))  # as it reads back from the file
+        self.results: list[SweepResult] = []
+        if path.exists():
+            kept = json.loads(path.read_text())
+            if kept.get("conditions") == self.conditions:
+                for sweep in kept["sweeps"]:
+                    sweep["curve"] = [tuple(point) for point in sweep["curve"]]
+                    self.results.append(SweepResult(**sweep))
+                print(f"Reusing {len(self.results)} sweeps measured before, from {path}")
+            else:
+                print(f"Not reusing {path}: it was measured under other conditions")
+
+    def find(self, strategy: Strategy, seed: int) -> SweepResult | None:
+        return next((r for r in self.results if (r.strategy, r.seed) == (strategy.name, seed)), None)
+
+    def add(self, result: SweepResult) -> None:
+        self.results.append(result)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(
+            json.dumps({"conditions": self.conditions, "sweeps": [asdict(r) for r in self.results]}, indent=2)
+        )
+        partial.replace(self.path)  # atomically: a stop while writing leaves the last good file
+
+
 def _sweep_each(
     strategies: tuple[Strategy, ...],
     seeds: list[int],
     data: DataSettings,
     audit: LabeledImages,
     sweep_folder: Path,
+    record: SweepRecord,
 ) -> list[SweepResult]:
     sweep_data = DataSettings(
         source=str(sweep_folder),
@@ -128,7 +173,10 @@ def _sweep_each(
                     if default_spent is None:
                         raise ValueError(f"{strategy.name} matches the default's compute: run it too")
                     strategy = replace(strategy, num_samples=max(1, round(default_spent)))
-                result = _sweep_and_audit(strategy, seed, sweep_data, audit)
+                result = record.find(strategy, seed)
+                if result is None:
+                    result = _sweep_and_audit(strategy, seed, sweep_data, audit)
+                    record.add(result)
                 if strategy.is_default:
                     default_spent = result.epochs_spent
                 results.append(result)
