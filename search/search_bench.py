@@ -105,7 +105,7 @@ def run_search_benchmark(
         "audit_images": audit_images,
         "audit_seed": AUDIT_SEED,
         "strategies": [asdict(strategy) for strategy in strategies],
-        "defaults": asdict(SweepSettings(space="nesterov")),
+        "defaults": SweepSettings(space="nesterov").identity(),  # what makes a sweep what it is
     }
     record = SweepRecord(out / "search_benchmark_sweeps.json", conditions)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as links:
