@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from search.cli import default
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
+from search.sweep.storage import StoredFile
 from search.tracking.store import best_child_run, child_runs
 from trainables.checkpoint import ModelSpec
 from trainables.config import DataSettings, TrialConfig
@@ -123,11 +124,11 @@ class SweepRecord:
     """The sweeps measured so far under one set of conditions, kept in a JSON file."""
 
     def __init__(self, path: Path, conditions: dict[str, Any]) -> None:
-        self.path = path
+        self.file = StoredFile(str(path))
         self.conditions = json.loads(json.dumps(conditions))  # as it reads back from the file
         self.results: list[SweepResult] = []
-        if path.exists():
-            kept = json.loads(path.read_text())
+        if self.file.exists():
+            kept = json.loads(self.file.read_text())
             if kept.get("conditions") == self.conditions:
                 for sweep in kept["sweeps"]:
                     sweep["curve"] = [tuple(point) for point in sweep["curve"]]
@@ -141,11 +142,10 @@ class SweepRecord:
 
     def add(self, result: SweepResult) -> None:
         self.results.append(result)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(
+        # Atomically: a stop while writing leaves the last good file.
+        self.file.write_text_atomically(
             json.dumps({"conditions": self.conditions, "sweeps": [asdict(r) for r in self.results]}, indent=2)
         )
-        partial.replace(self.path)  # atomically: a stop while writing leaves the last good file
 
 
 def _sweep_each(
