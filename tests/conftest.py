@@ -129,6 +129,22 @@ def reported_epochs(tracking_uri: str, run: Any, metric: str = "val_acc") -> lis
     return [epochs[point.step] for point in reports]
 
 
+def assert_ended_trials_keep_their_best_and_latest_checkpoints_only(settings: Any) -> None:
+    """Each trial folder of a finished sweep holds at most two checkpoints: the one of its best
+    epoch (what MLflow uploads) and its latest (what a resume would restore), both named in the
+    trial's own results (Tune's result.json)."""
+    import json
+
+    folders = list(Path(settings.sweep_location).glob("*/result.json"))
+    assert folders
+    for results_file in folders:
+        results = [json.loads(line) for line in results_file.read_text().splitlines()]
+        saved = [result for result in results if result.get("checkpoint_dir_name")]
+        kept = {path.name for path in results_file.parent.glob("checkpoint_*")}
+        best = max(saved, key=lambda result: result["val_acc"])["checkpoint_dir_name"]
+        assert {best, saved[-1]["checkpoint_dir_name"]} == kept, (results_file.parent, kept)
+
+
 def optuna_trials(settings: Any) -> list:
     """The sweep's Optuna study, as Optuna itself stored it, read through Optuna's public API."""
     import optuna

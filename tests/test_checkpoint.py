@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from search.sweep.checkpoints import needless_checkpoints
 from trainables.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
 from trainables.errors import InputError
@@ -91,3 +92,22 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_an_ended_trial_keeps_only_its_first_best_and_its_latest_checkpoint(tmp_path):
+    reports = [  # as Tune's result.json has them: rungs inside an epoch come without a checkpoint
+        {"val_acc": 0.30},
+        {"val_acc": 0.40, "checkpoint_dir_name": "checkpoint_000000"},
+        {"val_acc": 0.55, "checkpoint_dir_name": "checkpoint_000001"},
+        {"val_acc": 0.55, "checkpoint_dir_name": "checkpoint_000002"},  # a tie is not better
+        {"val_acc": 0.50, "checkpoint_dir_name": "checkpoint_000003"},
+        {"val_acc": 0.45, "checkpoint_dir_name": "checkpoint_000004"},
+    ]
+    (tmp_path / "result.json").write_text("".join(json.dumps(report) + "\n" for report in reports))
+    needless = needless_checkpoints(tmp_path)
+    assert [path.name for path in needless] == ["checkpoint_000000", "checkpoint_000002", "checkpoint_000003"]
+    assert all(path.parent == tmp_path for path in needless)
+
+
+def test_a_trial_that_never_reported_has_no_needless_checkpoints(tmp_path):
+    assert needless_checkpoints(tmp_path) == []

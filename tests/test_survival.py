@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     REPO,
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only,
     reported_epochs,
     run_module,
     small_sweep,
@@ -95,6 +96,7 @@ def assert_complete_sweep(settings: SweepSettings, parent_id: str) -> None:
     client, workdir = MlflowClient(settings.tracking_uri), Path(settings.storage_path).parent
     importance = client.download_artifacts(parent_id, IMPORTANCE_JSON, str(workdir))
     assert json.loads(Path(importance).read_text())["trials"] == NUM_SAMPLES
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only(settings)
 
 
 def resume_to_the_end(settings: SweepSettings) -> None:

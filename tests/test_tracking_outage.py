@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     MlflowServer,
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only,
     reported_epochs,
     run_module,
     small_sweep,
@@ -97,6 +98,8 @@ def assert_every_epoch_once_and_the_true_best(settings: SweepSettings) -> None:
     parent = sweep_parent(settings)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics[BEST_METRIC] == pytest.approx(tunes_best(settings))
+    # The others went once each trial ended, while MLflow was down too: the best stayed for it.
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only(settings)
 
 
 def test_a_tracking_server_that_dies_mid_sweep_loses_nothing(server, tmp_path):

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from search.sweep.checkpoints import PruneEndedTrials
 from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import make_searcher, warm_start_trials
@@ -190,7 +191,7 @@ def _sweep(
         deadline=deadline,
     )
     stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
-    callbacks: list[tune.Callback] = [tracker]
+    callbacks: list[tune.Callback] = [tracker, PruneEndedTrials()]
     if settings.output == "progress":
         callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
     verbose = 2 if settings.output == "verbose" else 0
@@ -223,9 +224,10 @@ def _sweep(
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
-                    # Every epoch's checkpoint is kept: Tune deletes a pruned one at once but records
-                    # the next in its snapshot only later, so a kill -9 in between left a resume
-                    # naming a checkpoint that was gone, and the trial failed.
+                    # Tune keeps every checkpoint of a trial that trains: it deletes a pruned one
+                    # at once but records the next in its snapshot only later, so a kill -9 in
+                    # between left a resume naming a checkpoint that was gone, and the trial
+                    # failed. PruneEndedTrials deletes the needless ones once a trial has ended.
                     num_to_keep=None,
                 ),
                 verbose=verbose,
