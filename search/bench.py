@@ -8,7 +8,9 @@ settings, batch 64), each section measures side by side:
   pipeline (a torchvision dataset with per-image ToTensor and Normalize, a
   shuffling DataLoader with a worker per core, fp32), alternated, each one's best
   epoch kept; the loop's GFLOP/s, counted from the model's multiply-adds, against
-  the machine's peak, measured by a large matrix product in each precision.
+  the machine's peak, measured by a large matrix product in each precision; and
+  what a one-epoch trial pays for reporting (a validation each) at the default
+  rungs within the epoch, against reporting at its end only.
 - parallel: one trial of one thread alone, then two at once in two processes,
   as a CPU sweep runs them: do they scale?
 - accuracy: Part IV for one epoch over several seeds, in fp32 and in bf16.
@@ -59,6 +61,7 @@ from trainables.data import ImageSplits, load_splits, split_indices
 from trainables.errors import InputError
 from trainables.loop import Training, resolve_precision
 from trainables.model import build_model, build_optimizer, training_flops_per_image
+from trainables.trainable import TrialSettings
 
 PROG = "search.bench"
 PART_IV = TrialConfig()  # the defaults are the assignment's Part IV settings
@@ -193,6 +196,49 @@ def measure_epochs(
     figures["project_img_per_s"] = figures[f"project_{default}_img_per_s"]
     figures["speedup"] = figures[f"project_{default}_speedup"]
     print(f"  speedup at the default precision ({default}):   {figures['speedup']:9.2f}x", flush=True)
+    return figures
+
+
+def reported_epoch_s(
+    splits: ImageSplits, device: torch.device, seed: int, precision: str, points: list[int]
+) -> float:
+    """Seconds of one epoch as a trial trains it: to each report point, validating at each."""
+    training = Training(part_iv_spec(splits), splits, seed, device, precision)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in training.reports(points):
+        pass
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def measure_rung_reports(
+    splits: ImageSplits, device: torch.device, repeats: int, seed: int, precision: str
+) -> dict[str, Any]:
+    """What a one-epoch trial pays for reporting at the default rungs within the epoch (a validation
+    at each) against reporting at the epoch's end only: alternated, each one's best epoch kept."""
+    epoch_images = len(splits.train_labels)
+    rungs = SweepSettings(space="nesterov").rung_fractions  # the default's; no space changes them
+    points = {
+        "end": [epoch_images],
+        "rungs": TrialSettings(max_epochs=1, seed=seed, rungs=rungs).report_points(epoch_images),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in points}
+    for _ in range(repeats):
+        for name, at in points.items():
+            seconds[name].append(reported_epoch_s(splits, device, seed, precision, at))
+    end, at_rungs = min(seconds["end"]), min(seconds["rungs"])
+    figures = {
+        "rung_reports": len(points["rungs"]),
+        "epoch_reported_at_end_s": end,
+        "epoch_reported_at_rungs_s": at_rungs,
+        "rung_reports_cost": at_rungs / end - 1,
+    }
+    print(
+        f"  one epoch reported at its end only: {end:.2f} s; at the {len(points['rungs'])} default "
+        f"rungs: {at_rungs:.2f} s ({figures['rung_reports_cost']:+.1%})",
+        flush=True,
+    )
     return figures
 
 
@@ -418,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "epochs" in sections:
         figures.update(measure_epochs(data, splits, device, args.repeats, args.seed, args.precision))
+        figures.update(measure_rung_reports(splits, device, args.repeats, args.seed, args.precision))
     if "parallel" in sections:
         figures.update(measure_parallel(splits, args.seed, args.precision))
     if "accuracy" in sections:

@@ -36,6 +36,12 @@ def test_the_benchmark_prints_its_figures_as_json(image_folder, tmp_path, capsys
         assert figures[f"project_{precision}_gflop_per_s"] == pytest.approx(rate * flops / 1e9)
         assert 0 < figures[f"project_{precision}_of_peak"] < 1  # no loop beats the machine's own peak
         assert len(figures[f"val_acc_{precision}"]) == 2
+    # A one-epoch trial reports at each default rung within the epoch and at its end, each
+    # report a validation: what that costs beside reporting at the end only.
+    assert figures["rung_reports"] == 3
+    assert figures["rung_reports_cost"] == pytest.approx(
+        figures["epoch_reported_at_rungs_s"] / figures["epoch_reported_at_end_s"] - 1
+    )
     for trials in (1, 2):
         assert 0 < figures[f"parallel_{trials}_of_peak"] < 1
     assert figures["sweep_trials"] == 2 and len(figures["sweep_startup_s"]) == 2
