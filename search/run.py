@@ -75,6 +75,12 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     where = parser.add_argument_group("where results go")
     option = _options_of(where)
     option("--tracking-uri", help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    option(
+        "--tracking-grace",
+        dest="tracking_grace_s",
+        type=duration,
+        help="at the end, how long writes waiting for MLflow are retried before --resume must make them",
+    )
     option("--experiment", help="MLflow experiment (default: cifar10-<space>)")
     option("--storage-path", help="Tune's results and checkpoints: a folder, or a URI pyarrow reads")
     option("--name", help="sweep name (default: <space>-<timestamp>)")
@@ -101,6 +107,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         max_concurrent=args.max_concurrent,
         max_failures=args.max_failures,
         tracking_uri=args.tracking_uri,
+        tracking_grace_s=args.tracking_grace_s,
         experiment=args.experiment,
         storage_path=args.storage_path,
         name=args.name,

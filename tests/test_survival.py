@@ -109,7 +109,7 @@ def resume_to_the_end(settings: SweepSettings) -> None:
     assert resumed.returncode == 0, stdout[-2000:] + stderr[-2000:]
 
 
-def test_ctrl_c_stops_quickly_marks_runs_killed_and_a_resume_completes(slow_images, tmp_path):
+def test_ctrl_c_stops_quickly_marks_runs_killed_and_the_printed_resume_completes(slow_images, tmp_path):
     settings = survivor(slow_images, tmp_path)
     process = start_sweep(settings)
     try:
@@ -129,8 +129,18 @@ def test_ctrl_c_stops_quickly_marks_runs_killed_and_a_resume_completes(slow_imag
     assert "RUNNING" not in {child.info.status for child in children}
     assert "KILLED" in {child.info.status for child in children}
 
+    # A resume that would make it another sweep is refused in one line, and changes nothing.
+    for changed in (["--space", "sgd"], ["--seed", "3"], ["--epochs", "2"], ["--val-size", "60"]):
+        args = [*sweep_args(settings), "--max-concurrent", "2", *changed, "--resume"]
+        result = run_module("search.run", *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert f"--resume cannot change what sweep survivor is: its {changed[0]} was" in result.stderr
+    assert sweep_parent(settings).info.status == "KILLED"
+
+    # The printed command, run by this interpreter, with what only changes how the sweep shows.
     resumed = subprocess.run(
-        [sys.executable, *shlex.split(resume)[1:]],  # the printed command, run by this interpreter
+        [sys.executable, *shlex.split(resume)[1:], "--quiet"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -237,25 +247,3 @@ def test_a_stop_signal_is_handled_like_ctrl_c_and_a_resume_completes(
     if then_resume:  # every case leaves the same state, checked above: one resume shows it completes
         resume_to_the_end(settings)
         assert_complete_sweep(settings, parent.info.run_id)
-
-
-def test_a_resume_that_would_change_the_sweep_is_refused_in_one_line(slow_images, tmp_path):
-    settings = survivor(slow_images, tmp_path)
-    process = start_sweep(settings)
-    try:
-        wait_for_epochs(settings, 1)
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=60)
-    finally:
-        stop_process_group(process)
-    parent = sweep_parent(settings)
-    workdir = Path(settings.storage_path).parent
-    for changed in (["--space", "sgd"], ["--seed", "3"], ["--epochs", "2"], ["--val-size", "60"]):
-        args = [*sweep_args(settings), "--max-concurrent", "2", *changed, "--resume"]
-        result = run_module("search.run", *args, cwd=workdir)
-        assert result.returncode == 2, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert f"--resume cannot change what sweep survivor is: its {changed[0]} was" in result.stderr
-    assert sweep_parent(settings).info.status == "KILLED"  # untouched by the refused resumes
-    resume_to_the_end(settings)  # what only changes how it runs (--max-concurrent) is allowed
-    assert_complete_sweep(settings, parent.info.run_id)

@@ -121,7 +121,8 @@ def test_a_tracking_server_that_dies_mid_sweep_loses_nothing(server, tmp_path):
 
 def test_writes_still_waiting_at_the_end_are_made_by_resume(server, tmp_path):
     settings = outage_sweep(tmp_path, server, "late", epochs=3)
-    sweep = start_search_run(sweep_args(settings), cwd=tmp_path)
+    # Nothing will bring the server back: wait for it a moment (the default is 30 s), not long.
+    sweep = start_search_run([*sweep_args(settings), "--tracking-grace", "3s"], cwd=tmp_path)
     try:
         wait_for_a_logged_epoch(settings)
         server.kill()  # and it stays down until the sweep is over

@@ -189,6 +189,7 @@ def _sweep(
         settings.journal,
         rebuild=settings.resume,
         deadline=deadline,
+        grace_s=settings.tracking_grace_s,
     )
     stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
     callbacks: list[tune.Callback] = [tracker, PruneEndedTrials()]

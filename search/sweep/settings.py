@@ -54,6 +54,9 @@ class SweepSettings:
     max_concurrent: int | None = None  # None: as many as the resources allow
     max_failures: int = 0  # retries of a crashed trial, from its last checkpoint
     tracking_uri: str | None = None  # None: MLflow's default
+    # At the end, how long writes still waiting for MLflow are retried (a server restarting)
+    # before they are left in the journal for --resume.
+    tracking_grace_s: float = 30.0
     experiment: str | None = None  # None: "cifar10-<space>"
     storage_path: str = "~/ray_results"
     name: str | None = None  # None: "<space>-<timestamp>"
@@ -74,6 +77,7 @@ class SweepSettings:
             (self.time_budget_s is None or self.time_budget_s > 0, "--time-budget must be more than 0"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}"),
+            (self.tracking_grace_s >= 0, "--tracking-grace must be >= 0"),
             (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
             (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),

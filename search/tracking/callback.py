@@ -83,8 +83,6 @@ class SweepTracker(tune.Callback):
     restore; run ids are found again in MLflow by tag, never trusted from memory.
     """
 
-    END_GRACE_S = 30.0  # at the end, how long a restarting server is waited for
-
     def __init__(
         self,
         tracking_uri: str,
@@ -93,6 +91,7 @@ class SweepTracker(tune.Callback):
         num_samples: int,
         max_epochs: int,
         journal: StoredFile,
+        grace_s: float,
         rebuild: bool = False,
         deadline: float | None = None,
     ) -> None:
@@ -105,7 +104,9 @@ class SweepTracker(tune.Callback):
             "journal": journal,
             "rebuild": rebuild,
             "deadline": deadline,
+            "grace_s": grace_s,
         }
+        self.grace_s = grace_s  # at the end, how long a restarting server is waited for
         self.deadline = deadline  # when the time budget ends: fewer trials then is no interruption
         self.space = space
         self.num_samples = num_samples  # fewer trials at the end means the sweep was cut off
@@ -204,7 +205,7 @@ class SweepTracker(tune.Callback):
     def _finish(self, interrupted: bool) -> None:
         self.queue.submit(FinishSweep(interrupted))
         # The last chance in this run: give a restarting server a little time.
-        deadline = time.monotonic() + self.END_GRACE_S
+        deadline = time.monotonic() + self.grace_s
         while self.queue.pending and time.monotonic() < deadline:
             time.sleep(2.0)
             self.queue.flush(force=True)
