@@ -101,13 +101,20 @@ def test_an_ended_trial_keeps_only_its_first_best_and_its_latest_checkpoint(tmp_
         {"val_acc": 0.55, "checkpoint_dir_name": "checkpoint_000001"},
         {"val_acc": 0.55, "checkpoint_dir_name": "checkpoint_000002"},  # a tie is not better
         {"val_acc": 0.50, "checkpoint_dir_name": "checkpoint_000003"},
-        {"val_acc": 0.45, "checkpoint_dir_name": "checkpoint_000004"},
     ]
     (tmp_path / "result.json").write_text("".join(json.dumps(report) + "\n" for report in reports))
-    needless = needless_checkpoints(tmp_path)
-    assert [path.name for path in needless] == ["checkpoint_000000", "checkpoint_000002", "checkpoint_000003"]
-    assert all(path.parent == tmp_path for path in needless)
+    for index in range(6):
+        (tmp_path / f"checkpoint_{index:06d}").mkdir()
+    # The last checkpoint's result may not be in result.json yet: the run's callbacks saw it.
+    seen = {str(tmp_path / "checkpoint_000004"): 0.45, str(tmp_path / "checkpoint_000005"): 0.35}
+    needless = needless_checkpoints(tmp_path, seen)
+    assert [path.name for path in needless] == [
+        "checkpoint_000000", "checkpoint_000002", "checkpoint_000003", "checkpoint_000004",
+    ]  # fmt: skip
 
 
-def test_a_trial_that_never_reported_has_no_needless_checkpoints(tmp_path):
-    assert needless_checkpoints(tmp_path) == []
+def test_a_checkpoint_of_unknown_accuracy_is_kept(tmp_path):
+    for index in range(3):
+        (tmp_path / f"checkpoint_{index:06d}").mkdir()
+    assert needless_checkpoints(tmp_path, {str(tmp_path / "checkpoint_000001"): 0.5}) == []
+    assert needless_checkpoints(tmp_path / "never-reported", {}) == []

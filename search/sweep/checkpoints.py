@@ -10,7 +10,6 @@ The others go. A trial that failed keeps all of them: a resume retries it from i
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,45 @@ from search.sweep.storage import is_uri
 from trainables.names import METRIC
 
 
-def needless_checkpoints(trial_folder: Path) -> list[Path]:
+def needless_checkpoints(trial_folder: Path, seen: dict[str, float]) -> list[Path]:
     """The checkpoints of an ended trial that neither a resume nor MLflow needs.
 
-    Read from the trial's own results (Tune's result.json): each names the checkpoint it came with.
+    Each checkpoint's accuracy comes from `seen` (path: accuracy, as this run's callbacks saw
+    them) or else from the trial's own results (Tune's result.json, which also holds those of
+    earlier runs of a resumed sweep). A checkpoint whose accuracy neither says is kept.
     """
-    results_file = trial_folder / "result.json"
-    if not results_file.exists():
+    on_disk = sorted(trial_folder.glob("checkpoint_*"))  # Tune numbers them in order
+    if not on_disk:
         return []
-    results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
-    saved = [result for result in results if result.get("checkpoint_dir_name")]
-    scored = [(result.get(METRIC, -math.inf), result["checkpoint_dir_name"]) for result in saved]
+    scores: dict[Path, float] = {}
+    results_file = trial_folder / "result.json"
+    if results_file.exists():
+        for line in results_file.read_text().splitlines():
+            result = json.loads(line) if line.strip() else {}
+            if result.get("checkpoint_dir_name") and METRIC in result:
+                scores[trial_folder / result["checkpoint_dir_name"]] = result[METRIC]
+    scores.update({Path(path): accuracy for path, accuracy in seen.items()})
+    scored = [path for path in on_disk if path in scores]
     if not scored:
         return []
     # The first to reach the best accuracy is the one MLflow takes (a later tie is not better).
-    best = max(scored, key=lambda score: score[0])[1]
-    latest = scored[-1][1]
-    return [trial_folder / name for _, name in scored if name not in (best, latest)]
+    best = max(scored, key=lambda path: scores[path])
+    return [path for path in scored if path not in (best, on_disk[-1])]
 
 
 class PruneEndedTrials(tune.Callback):
     """Deletes each ended trial's needless checkpoints, on local storage (a URI is left alone)."""
 
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}  # checkpoint path: its validation accuracy
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        accuracy = trial.last_result.get(METRIC)
+        if accuracy is not None:
+            self.seen[checkpoint.path] = accuracy
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if is_uri(trial.path):
             return
-        for folder in needless_checkpoints(Path(trial.path)):
+        for folder in needless_checkpoints(Path(trial.path), self.seen):
             shutil.rmtree(folder, ignore_errors=True)
