@@ -19,6 +19,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("red", "green", "blue")  # each class is an image with one strong colour channel
+# The files that take longest (minutes each) run first: pytest-xdist hands files to its two
+# workers in collection order, and one of these started last would leave the other worker idle.
+LONGEST_FILES = ("test_survival.py", "test_tracking_outage.py", "test_end_to_end.py", "test_mlflow_server.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    longest = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: longest.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest as found
 
 
 def write_image_folder(
