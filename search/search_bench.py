@@ -41,7 +41,7 @@ from trainables.data import (
     stratified_split,
 )
 from trainables.loop import Training
-from trainables.names import BEST_METRIC, EPOCH, METRIC
+from trainables.names import BEST_METRIC, EPOCH, METRIC, TRAIN_TFLOP
 from trainables.stats import wilson_interval
 
 AUDIT_IMAGES = 5000  # the default of --audit-images
@@ -89,6 +89,9 @@ class SweepResult:
     wall_s: float
     pick: dict[str, Any]
     curve: list[tuple[float, float]]  # (epochs spent, best full-fidelity validation accuracy so far)
+    # Compute in arithmetic: an epoch of a wide config costs many of a narrow one. None in the
+    # sweeps measured before it was recorded.
+    tflop_spent: float | None = None
 
 
 def run_search_benchmark(
@@ -239,6 +242,7 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
         config = TrialConfig.from_params(pick.data.params)
         splits = load_splits(settings.data)
         curve, spent, best = [], 0.0, 0.0
+        tflop = sum(run.data.metrics.get(TRAIN_TFLOP, 0.0) for run in children)
         for run in sorted(children, key=lambda run: run.info.end_time or 0):
             spent += run.data.metrics.get(EPOCH, 0.0)  # how far the trial trained
             if BEST_METRIC in run.data.metrics:
@@ -247,7 +251,16 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
     audit_accuracy = _audit(config, splits, audit, seed + RETRAIN_SEED_OFFSET)
     best_val = pick.data.metrics[BEST_METRIC]
     return SweepResult(
-        strategy.name, seed, audit_accuracy, best_val, len(children), spent, wall_s, config.to_dict(), curve
+        strategy.name,
+        seed,
+        audit_accuracy,
+        best_val,
+        len(children),
+        spent,
+        wall_s,
+        config.to_dict(),
+        curve,
+        tflop,
     )
 
 
@@ -289,12 +302,17 @@ def _table(
             "epochs_spent_mean": statistics.mean(result.epochs_spent for result in mine),
             "wall_s_mean": statistics.mean(result.wall_s for result in mine),
         }
+        tflops = [result.tflop_spent for result in mine if result.tflop_spent is not None]
+        if tflops:
+            row["tflop_spent_mean"] = statistics.mean(tflops)
         figures[strategy.name] = row
         each = ", ".join(f"{accuracy:.4f}" for accuracy in audits)
         print(f"  {strategy.name}{' (the default)' if strategy.is_default else ''}:")
         print(f"    audit {row['audit_mean']:.4f} ± {spread:.4f} (median {row['audit_median']:.4f}; {each})")
         print(f"    best validation {row['best_val_mean']:.4f} (95% interval {low:.4f}-{high:.4f})")
         spent = f"{row['epochs_spent_mean']:.1f} epochs, {row['wall_s_mean']:.0f} s"
+        if tflops:
+            spent += f", {row['tflop_spent_mean']:.0f} TFLOP ({len(tflops)} of {len(mine)} sweeps)"
         print(f"    {row['configs_mean']:.0f} configs, {spent}")
     return figures
 

@@ -21,7 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("red", "green", "blue")  # each class is an image with one strong colour channel
 # The files that take longest (minutes each) run first: pytest-xdist hands files to its two
 # workers in collection order, and one of these started last would leave the other worker idle.
-LONGEST_FILES = ("test_survival.py", "test_tracking_outage.py", "test_end_to_end.py", "test_mlflow_server.py")
+LONGEST_FILES = (
+    "test_survival.py",
+    "test_tracking_outage.py",
+    "test_search_bench.py",
+    "test_end_to_end.py",
+    "test_mlflow_server.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
