@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+from optuna.distributions import distribution_to_json
 
 from search.cli import default
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
 from search.sweep.storage import StoredFile
 from search.tracking.store import best_child_run, child_runs
+from spaces import get_space
 from trainables.checkpoint import ModelSpec
 from trainables.config import DataSettings, TrialConfig
 from trainables.data import (
@@ -44,6 +46,7 @@ from trainables.loop import Training
 from trainables.names import BEST_METRIC, EPOCH, METRIC, TRAIN_TFLOP
 from trainables.stats import wilson_interval
 
+SPACE = "nesterov"  # Part IV, the space a user sweeps first
 AUDIT_IMAGES = 5000  # the default of --audit-images
 AUDIT_SEED = 20261127  # the audit split is the same for every strategy and seed
 RETRAIN_SEED_OFFSET = 1000  # the pick is trained again from other initial weights and batch order
@@ -109,7 +112,11 @@ def run_search_benchmark(
         "audit_images": audit_images,
         "audit_seed": AUDIT_SEED,
         "strategies": [asdict(strategy) for strategy in strategies],
-        "defaults": SweepSettings(space="nesterov").identity(),  # what makes a sweep what it is
+        "defaults": SweepSettings(space=SPACE).identity(),  # what makes a sweep what it is
+        "space": {  # and what it searches: a record made over other ranges is not reused
+            name: distribution_to_json(distribution)
+            for name, distribution in get_space(SPACE).distributions().items()
+        },
     }
     record = SweepRecord(out / "search_benchmark_sweeps.json", conditions)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as links:
@@ -219,7 +226,7 @@ def _count(folder: Path) -> int:
 def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: LabeledImages) -> SweepResult:
     with tempfile.TemporaryDirectory() as workdir:
         settings = SweepSettings(
-            space="nesterov",
+            space=SPACE,
             data=DataSettings(**{**asdict(data), "seed": seed}),
             epochs=1,
             num_samples=strategy.num_samples,
