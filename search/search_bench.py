@@ -148,7 +148,9 @@ class SweepRecord:
                 print(f"Not reusing {path}: it was measured under other conditions")
 
     def find(self, strategy: Strategy, seed: int) -> SweepResult | None:
-        return next((r for r in self.results if (r.strategy, r.seed) == (strategy.name, seed)), None)
+        """The strategy's sweep with this seed and as many trials (which the default's compute sets)."""
+        wanted = (strategy.name, seed, strategy.num_samples)
+        return next((r for r in self.results if (r.strategy, r.seed, r.configs) == wanted), None)
 
     def add(self, result: SweepResult) -> None:
         self.results.append(result)
