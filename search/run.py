@@ -53,7 +53,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         "--rungs", type=positive_int, help="ASHA's, the last at all the training (3: a ninth, a third, all)"
     )
     option("--reduction-factor", type=at_least_two, help="of the trials at a rung, 1 in this many goes on")
-    option("--sampler", choices=SAMPLERS, help="tpe (multivariate), gp (Gaussian process) or random")
+    option("--sampler", choices=SAMPLERS, help="gp (Gaussian process), tpe (multivariate) or random")
     option("--time-budget", dest="time_budget_s", type=duration, help="e.g. 10m: then no new trial starts")
     sweep.add_argument(
         "--warm-start",

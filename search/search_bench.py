@@ -72,7 +72,7 @@ class Strategy:
 # What ran before rungs within the epoch: one-epoch trials, ASHA deciding at epoch ends only (so,
 # with one epoch, never). Each gets the compute that the default spends.
 _RUNGS, _TRIALS = default(SweepSettings, "rungs"), default(SweepSettings, "num_samples")
-STRATEGIES = (
+STRATEGIES = (  # the names key the kept sweeps: docs/search_benchmark_sweeps.json has these
     Strategy("TPE, rungs within the epoch", "tpe", rungs=_RUNGS, num_samples=_TRIALS),
     Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=None),
     Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=None),
