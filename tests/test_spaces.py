@@ -69,3 +69,23 @@ def test_the_spaces_use_the_assignments_model_styles():
     assert (styles["sgd"].model, styles["sgd"].optimizer) == ("module", "sgd")
     assert (styles["nesterov"].model, styles["nesterov"].optimizer) == ("sequential", "nesterov")
     assert isinstance(styles["nesterov"], TrialConfig)
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.7, 0.9, 0.95])
+@pytest.mark.parametrize("step", [0.006, 0.05])
+def test_a_config_on_the_edge_of_the_step_band_reads_back_inside_it(momentum, step):
+    """GP often proposes a range's very edge; the step derived back from lr must stay in range, or
+    the report's study and a warm start would refuse the trial."""
+    space = get_space("nesterov")
+    trial = optuna.trial.FixedTrial({"momentum": momentum, "effective_step": step, "weight_decay": 1e-4,
+                                     "channel_1": 128, "channel_2": 128})  # fmt: skip
+    values = space.searched_values(space.config_for(trial))
+    assert values["effective_step"] == step
+    # As the report and a warm start hand it to Optuna, which refuses a value outside its range.
+    optuna.trial.create_trial(params=values, distributions=space.distributions(), value=0.5)
+
+
+def test_a_config_from_a_wider_band_still_reads_as_outside_it():
+    space = get_space("nesterov")
+    config = TrialConfig(model="sequential", optimizer="nesterov", lr=0.08 * (1 - 0.5), momentum=0.5)
+    assert space.searched_values(config)["effective_step"] == pytest.approx(0.08)
