@@ -6,7 +6,6 @@ it as often as it likes. Every first point is the assignment's own setting.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import optuna
@@ -47,13 +46,7 @@ def sgd(trial: optuna.Trial) -> dict[str, Any]:
 
 
 def _with_effective_step(config: TrialConfig) -> dict[str, Any]:
-    step = config.lr / (1 - config.momentum)
-    # Undoing lr = step * (1 - momentum) is exact only up to rounding: a step the sampler put on
-    # the band's edge (GP often does) must read back on it, not a hair outside.
-    for edge in EFFECTIVE_STEP:
-        if math.isclose(step, edge, rel_tol=1e-9):
-            step = edge
-    return {**config.to_dict(), "effective_step": step}
+    return {**config.to_dict(), "effective_step": config.lr / (1 - config.momentum)}
 
 
 @register_space(

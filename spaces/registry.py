@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 
 from trainables.config import TrialConfig
 from trainables.errors import InputError
@@ -58,7 +59,18 @@ class SearchSpace:
     def searched_values(self, config: TrialConfig) -> dict[str, Any]:
         """The values the space searched for this config, by parameter name."""
         params = self.params_of(config)
-        return {name: params[name] for name in self.searched_at(config)}
+        return {name: _on_its_edge(params[name], range_) for name, range_ in self.searched_at(config).items()}
+
+
+def _on_its_edge(value: Any, distribution: BaseDistribution) -> Any:
+    """A value that `params_of` derived back (nesterov's step, from lr / (1 - momentum)) is exact only
+    up to rounding: one the sampler put on its range's edge (GP often does) reads back on it, not a
+    hair outside, where Optuna would refuse it."""
+    if isinstance(distribution, FloatDistribution):
+        for edge in (distribution.low, distribution.high):
+            if math.isclose(value, edge, rel_tol=1e-9):
+                return edge
+    return value
 
 
 _SPACES: dict[str, SearchSpace] = {}
