@@ -9,14 +9,13 @@ The others go. A trial that failed keeps all of them: a resume retries it from i
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from search.sweep.storage import is_uri
+from search.sweep.storage import is_uri, trial_results
 from trainables.names import METRIC
 
 
@@ -30,13 +29,11 @@ def needless_checkpoints(trial_folder: Path, seen: dict[str, float]) -> list[Pat
     on_disk = sorted(trial_folder.glob("checkpoint_*"))  # Tune numbers them in order
     if not on_disk:
         return []
-    scores: dict[Path, float] = {}
-    results_file = trial_folder / "result.json"
-    if results_file.exists():
-        for line in results_file.read_text().splitlines():
-            result = json.loads(line) if line.strip() else {}
-            if result.get("checkpoint_dir_name") and METRIC in result:
-                scores[trial_folder / result["checkpoint_dir_name"]] = result[METRIC]
+    scores = {
+        trial_folder / result["checkpoint_dir_name"]: result[METRIC]
+        for result in trial_results(trial_folder) or []
+        if result.get("checkpoint_dir_name") and METRIC in result
+    }
     scores.update({Path(path): accuracy for path, accuracy in seen.items()})
     scored = [path for path in on_disk if path in scores]
     if not scored:

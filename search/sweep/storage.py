@@ -7,8 +7,10 @@ credentials, exactly as Tune does with the same string).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -38,6 +40,15 @@ def resolve_storage(location: str) -> str:
 
 def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
+
+
+def trial_results(trial_folder: Path) -> list[dict[str, Any]] | None:
+    """A trial's results as Tune keeps them in its local folder (result.json, one a line), each
+    naming the checkpoint it came with; None where Tune wrote no such file."""
+    results_file = trial_folder / "result.json"
+    if not results_file.exists():
+        return None
+    return [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
 
 
 class StoredFile:

@@ -10,7 +10,6 @@ writes themselves are `search.tracking.writer`'s operations; the queue in
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from ray import tune
 
-from search.sweep.storage import StoredFile, is_uri
+from search.sweep.storage import StoredFile, is_uri, trial_results
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import TRACKING_ERRORS
 from search.tracking.writer import (
@@ -213,10 +212,9 @@ class SweepTracker(tune.Callback):
     def _rebuild_from_tune(self, trial: Any) -> None:
         """Writes again, from the results and checkpoints Tune keeps in the trial's folder (the
         source of truth), whatever its run lacks. Each write is skipped where MLflow has it."""
-        results_file = Path(trial.path) / "result.json"
-        if is_uri(trial.path) or not results_file.exists():
+        results = None if is_uri(trial.path) else trial_results(Path(trial.path))
+        if results is None:
             return  # never reported, or on remote storage: only a live trial's writes reach MLflow
-        results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
         self.queue.submit(
             StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config), reopen=False)
         )
