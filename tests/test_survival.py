@@ -26,6 +26,7 @@ from conftest import (
     write_image_folder,
 )
 from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
 
 from search.sweep.settings import SweepSettings
 from trainables.config import DataSettings
@@ -71,14 +72,21 @@ def wait_for_epochs(settings: SweepSettings, epochs: int, timeout: float = 240) 
 
 
 def wait_for_a_snapshotted_checkpoint(settings: SweepSettings, timeout: float = 60) -> None:
-    """Until Tune's stored snapshot of the sweep, which a resume restores, names a trial's checkpoint."""
+    """Until Tune's stored snapshot of the sweep, which a resume restores, holds a trial's checkpoint.
+
+    Not just a report naming one: Tune snapshots a report before it registers the report's
+    checkpoint (a save task of its own), so a kill in between resumes that trial from nothing.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snapshots = Path(settings.sweep_location).glob("experiment_state-*.json")
-        if any("checkpoint_0" in path.read_text() for path in snapshots):
+        try:
+            trials = ExperimentAnalysis(settings.sweep_location).trials
+        except Exception:  # no snapshot yet, or one being replaced
+            trials = []
+        if any(trial.checkpoint is not None for trial in trials):
             return
-        time.sleep(0.2)
-    raise AssertionError(f"Tune's snapshot named no checkpoint in {timeout} s")
+        time.sleep(0.5)
+    raise AssertionError(f"Tune's snapshot held no checkpoint in {timeout} s")
 
 
 def assert_complete_sweep(settings: SweepSettings, parent_id: str) -> None:
