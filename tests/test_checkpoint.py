@@ -24,14 +24,14 @@ def saved(tmp_path):
     optimizer = build_optimizer(model, SPEC.config)
     model(torch.randn(4, 3, 32, 32)).square().mean().backward()
     optimizer.step()
-    save_checkpoint(tmp_path, SPEC, model, optimizer, epoch=3)
+    save_checkpoint(tmp_path, SPEC, model, optimizer, epoch=3, seconds_trained=12.5)
     return model, optimizer
 
 
-def test_a_checkpoint_round_trips_with_its_optimizer_state_and_epoch(tmp_path):
+def test_a_checkpoint_round_trips_with_its_optimizer_state_epoch_and_time_trained(tmp_path):
     model, optimizer = saved(tmp_path)
     loaded = load_checkpoint(tmp_path)
-    assert loaded.epoch == 3 and loaded.spec == SPEC
+    assert loaded.epoch == 3 and loaded.spec == SPEC and loaded.seconds_trained == 12.5
     rebuilt = loaded.spec.build()
     rebuilt.load_state_dict(loaded.model_state)
     images = torch.randn(2, 3, 32, 32)

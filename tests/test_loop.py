@@ -98,6 +98,8 @@ def test_a_resumed_run_matches_one_that_never_stopped(tmp_path: Path):
     (resumed_last,) = resumed.epochs(next_epoch, 3)
     assert next_epoch == 3
     assert resumed_last.train.loss == straight_last.train.loss
+    # The time trained goes on from the checkpoint's, so a resumed trial's cost counts its start.
+    assert resumed.seconds_trained == first.seconds_trained + resumed_last.seconds > resumed_last.seconds
     torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
 
 

@@ -64,10 +64,20 @@ class ModelSpec:
 
 
 def save_checkpoint(
-    directory: Path, spec: ModelSpec, model: ConvNet, optimizer: Optimizer, epoch: int
+    directory: Path,
+    spec: ModelSpec,
+    model: ConvNet,
+    optimizer: Optimizer,
+    epoch: int,
+    seconds_trained: float = 0.0,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "seconds_trained": seconds_trained,
+    }
     torch.save(state, directory / CHECKPOINT_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
 
@@ -78,6 +88,7 @@ class LoadedCheckpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     epoch: int
+    seconds_trained: float  # training and validation up to this checkpoint, across resumes
 
 
 def load_checkpoint(directory: Path) -> LoadedCheckpoint:
@@ -96,7 +107,9 @@ def load_checkpoint(directory: Path) -> LoadedCheckpoint:
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
         raise InputError(f"{path} is not a checkpoint of this project")
     check_shapes(state["model"], spec)
-    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(state["epoch"]))
+    # Checkpoints written before the training time was kept in them have none: 0 seconds.
+    seconds_trained = float(state.get("seconds_trained", 0.0))
+    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(state["epoch"]), seconds_trained)
 
 
 def check_shapes(model_state: dict[str, torch.Tensor], spec: ModelSpec) -> None:

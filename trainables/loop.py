@@ -170,6 +170,7 @@ class Training:
         self.epoch_images = len(self.train_labels)
         self.images_seen = 0  # in all, across epochs
         self.steps_taken = 0  # in all: where the recipe's learning-rate schedule stands
+        self.seconds_trained = 0.0  # training and validation in all, a resumed run's before it too
         self.epoch_steps = math.ceil(self.epoch_images / self.batch_size)
         self.total_steps = self.epoch_steps * epochs
         self.average = WeightAverage(self.model.state_dict(), recipe.ema_decay) if recipe.ema_decay else None
@@ -186,10 +187,11 @@ class Training:
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.images_seen = checkpoint.epoch * self.epoch_images
         self.steps_taken = checkpoint.epoch * self.epoch_steps
+        self.seconds_trained = checkpoint.seconds_trained
         return checkpoint.epoch + 1
 
     def save(self, directory: Path, epoch: int) -> None:
-        save_checkpoint(directory, self.spec, self.model, self.optimizer, epoch)
+        save_checkpoint(directory, self.spec, self.model, self.optimizer, epoch, self.seconds_trained)
 
     def epochs(self, first: int, last: int) -> Iterator[Report]:
         """Trains and validates epochs first..last; a diverged epoch is the last one reported."""
@@ -205,7 +207,9 @@ class Training:
                 continue
             train = self.train_to(point)
             val = self.evaluate() if len(self.val_labels) and not train.diverged else None
-            yield Report(self.images_seen, self.images_seen / self.epoch_images, train, val)
+            report = Report(self.images_seen, self.images_seen / self.epoch_images, train, val)
+            self.seconds_trained += report.seconds
+            yield report
             if train.diverged:
                 return
 

@@ -76,15 +76,13 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
         PRECISION: training.precision,
         PARAMETERS: sum(weight.numel() for weight in training.model.parameters()),
     }
-    spent_s = 0.0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             training.load(load_checkpoint(Path(directory)))
 
     for report in training.reports(settings.report_points(training.epoch_images)):
-        spent_s += report.seconds
-        cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: spent_s}
+        cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: training.seconds_trained}
         results = {**_metrics(report), **cost, **about}
         if report.diverged:
             tune.report({**results, METRIC: WORST_ACCURACY, DIVERGED: 1.0})
