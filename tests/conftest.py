@@ -147,13 +147,15 @@ def assert_ended_trials_keep_their_best_and_latest_checkpoints_only(settings: An
     """Each trial folder of a finished sweep holds at most two checkpoints: the one of its best
     epoch (what MLflow uploads) and its latest (what a resume would restore), both named in the
     trial's own results (Tune's result.json)."""
-    import json
+    from search.sweep.storage import trial_results
 
     folders = list(Path(settings.sweep_location).glob("*/result.json"))
     assert folders
     for results_file in folders:
-        results = [json.loads(line) for line in results_file.read_text().splitlines()]
-        saved = [result for result in results if result.get("checkpoint_dir_name")]
+        saved = [
+            result for result in trial_results(results_file.parent) or [] if result.get("checkpoint_dir_name")
+        ]
+        assert saved, f"{results_file.parent} names no checkpoint"
         kept = {path.name for path in results_file.parent.glob("checkpoint_*")}
         best = max(saved, key=lambda result: result["val_acc"])["checkpoint_dir_name"]
         assert {best, saved[-1]["checkpoint_dir_name"]} == kept, (results_file.parent, kept)

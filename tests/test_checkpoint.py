@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from search.sweep.checkpoints import needless_checkpoints
+from search.sweep.storage import trial_results
 from trainables.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
 from trainables.errors import InputError
@@ -92,6 +93,34 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_from_before_the_time_trained_was_kept_reads_as_none_trained(tmp_path):
+    model, optimizer = saved(tmp_path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2}
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    assert load_checkpoint(tmp_path).seconds_trained == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("epoch", "2"), ("epoch", float("nan")), ("seconds_trained", "12.5"), ("seconds_trained", [1.0])],
+)
+def test_a_checkpoint_with_a_field_of_the_wrong_kind_is_refused_in_one_line(tmp_path, field, value):
+    model, optimizer = saved(tmp_path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2, field: value}
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(InputError, match="is not a checkpoint of this project"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_half_written_result_line_is_skipped_and_the_results_after_it_kept(tmp_path):
+    whole = json.dumps({"val_acc": 0.4, "checkpoint_dir_name": "checkpoint_000000"})
+    # A kill during Tune's copy of result.json cut its last line; the resumed trial wrote on after it.
+    (tmp_path / "result.json").write_text(f"{whole}\n{whole[:20]}{json.dumps({'val_acc': 0.5})}\n\n")
+    assert trial_results(tmp_path) == [json.loads(whole)]
+    (tmp_path / "result.json").write_text(f"{whole}\n{whole[:20]}\n{json.dumps({'val_acc': 0.5})}\n")
+    assert trial_results(tmp_path) == [json.loads(whole), {"val_acc": 0.5}]
 
 
 def test_an_ended_trial_keeps_only_its_first_best_and_its_latest_checkpoint(tmp_path):

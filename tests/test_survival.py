@@ -77,16 +77,16 @@ def wait_for_a_snapshotted_checkpoint(settings: SweepSettings, timeout: float = 
     Not just a report naming one: Tune snapshots a report before it registers the report's
     checkpoint (a save task of its own), so a kill in between resumes that trial from nothing.
     """
-    deadline = time.monotonic() + timeout
+    deadline, last_error = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
             trials = ExperimentAnalysis(settings.sweep_location).trials
-        except Exception:  # no snapshot yet, or one being replaced
-            trials = []
+        except (OSError, ValueError) as error:  # no snapshot yet, or one being replaced
+            trials, last_error = [], error
         if any(trial.checkpoint is not None for trial in trials):
             return
         time.sleep(0.5)
-    raise AssertionError(f"Tune's snapshot held no checkpoint in {timeout} s")
+    raise AssertionError(f"Tune's snapshot held no checkpoint in {timeout} s (last error: {last_error!r})")
 
 
 def assert_complete_sweep(settings: SweepSettings, parent_id: str) -> None:

@@ -75,8 +75,8 @@ def save_checkpoint(
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "seconds_trained": seconds_trained,
+        "epoch": int(epoch),
+        "seconds_trained": float(seconds_trained),
     }
     torch.save(state, directory / CHECKPOINT_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
@@ -106,10 +106,13 @@ def load_checkpoint(directory: Path) -> LoadedCheckpoint:
         raise InputError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
         raise InputError(f"{path} is not a checkpoint of this project")
-    check_shapes(state["model"], spec)
     # Checkpoints written before the training time was kept in them have none: 0 seconds.
-    seconds_trained = float(state.get("seconds_trained", 0.0))
-    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(state["epoch"]), seconds_trained)
+    epoch, seconds_trained = state["epoch"], state.get("seconds_trained", 0.0)
+    numbers = (epoch, seconds_trained)
+    if not all(isinstance(number, (int, float)) for number in numbers) or not float(epoch).is_integer():
+        raise InputError(f"{path} is not a checkpoint of this project")
+    check_shapes(state["model"], spec)
+    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(epoch), float(seconds_trained))
 
 
 def check_shapes(model_state: dict[str, torch.Tensor], spec: ModelSpec) -> None:

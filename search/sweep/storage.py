@@ -7,6 +7,7 @@ credentials, exactly as Tune does with the same string).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -43,12 +44,22 @@ def join(location: str, name: str) -> str:
 
 
 def trial_results(trial_folder: Path) -> list[dict[str, Any]] | None:
-    """A trial's results as Tune keeps them in its local folder (result.json, one a line), each
-    naming the checkpoint it came with; None where Tune wrote no such file."""
+    """A trial's results as Tune keeps them in its local folder (result.json, one a line), those
+    at an epoch's end naming their checkpoint; None where Tune wrote no such file.
+
+    A line that does not decode is skipped: a kill during Tune's copy of the file leaves half a
+    line, which a resumed trial's results then follow.
+    """
     results_file = trial_folder / "result.json"
     if not results_file.exists():
         return None
-    return [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    results = []
+    for line in results_file.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            result = json.loads(line) if line.strip() else None
+            if isinstance(result, dict):
+                results.append(result)
+    return results
 
 
 class StoredFile:
