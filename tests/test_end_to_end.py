@@ -10,11 +10,19 @@ import mlflow.pytorch
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import optuna_trials, reported_epochs, run_module, small_sweep, sweep_args
+from conftest import (
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only,
+    optuna_trials,
+    reported_epochs,
+    run_module,
+    small_sweep,
+    sweep_args,
+)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from search import export, retrain, run
+from search.sweep.checkpoints import ended_in_snapshot
 from search.tracking.best import read_best
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
@@ -80,6 +88,15 @@ def test_the_sweep_exits_zero_with_one_parent_and_a_child_per_trial(sweep):
     assert parents[0].info.status == "FINISHED"
     assert all(child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for child in children)
     assert all(child.info.status == "FINISHED" for child in children)
+
+
+def test_tunes_stored_snapshot_reads_as_every_trial_ended_and_each_kept_its_best_and_latest(sweep):
+    # Checkpoints are pruned once this reader finds a trial's end in Tune's snapshot: should Tune's
+    # format change, it would find none, and ended trials would keep every checkpoint until the end.
+    folder = Path(sweep["settings"].sweep_location)
+    trial_ids = {run.data.tags["trial_id"] for run in parent_and_children(sweep)[1]}
+    assert ended_in_snapshot(folder) == trial_ids
+    assert_ended_trials_keep_their_best_and_latest_checkpoints_only(sweep["settings"])
 
 
 def test_the_first_trial_is_the_assignments_point(sweep):

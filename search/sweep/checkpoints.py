@@ -1,14 +1,16 @@
 """Which of a trial's checkpoints a sweep keeps on disk: while it trains, all; once it ended, two.
 
 Tune keeps every epoch's checkpoint (see the engine for why it may not prune them itself). Once
-a trial has ended, a resume needs at most its latest checkpoint (should the sweep be killed before
-Tune's snapshot records the end, the resume restores the trial from it and finds nothing left to
-train), and MLflow needs its best (uploaded from disk, perhaps later, when the server comes back).
-The others go. A trial that failed keeps all of them: a resume retries it from its latest.
+a trial has ended, MLflow needs its best checkpoint (uploaded from disk, perhaps later, when the
+server comes back) and a resume its latest; the others go, but only once Tune's stored snapshot
+records the end. Until then a kill -9 resumes the trial from the checkpoint that snapshot names,
+which can be any of its recent ones. A trial that failed keeps all of them: a resume retries it
+from its latest.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,44 @@ def needless_checkpoints(trial_folder: Path, seen: dict[str, float]) -> list[Pat
     return [path for path in scored if path not in (best, on_disk[-1])]
 
 
+def ended_in_snapshot(experiment_folder: Path) -> set[str]:
+    """The ids of the trials that the newest of Tune's stored snapshots records as ended.
+
+    Read from Tune's own file (experiment_state-*.json): should its format change, no trial
+    reads as ended and checkpoints are pruned only at the sweep's end.
+    """
+    snapshot = newest_snapshot(experiment_folder)
+    if snapshot is None:
+        return set()
+    try:
+        trials = [json.loads(state) for state, _ in json.loads(snapshot.read_text())["trial_data"]]
+        return {trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"}
+    except (OSError, ValueError, KeyError, TypeError):  # half written, or another format
+        return set()
+
+
+def newest_snapshot(experiment_folder: Path) -> Path | None:
+    """The snapshot a resume restores: one per run of the sweep, named by when that run began
+    (the time a name holds sorts as text; the files' own times do not: Tune copies them all again)."""
+    return max(experiment_folder.glob("experiment_state-*.json"), key=lambda path: path.name, default=None)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # replaced while we looked
+        return 0.0
+
+
 class PruneEndedTrials(tune.Callback):
-    """Deletes each ended trial's needless checkpoints, on local storage (a URI is left alone)."""
+    """Deletes each ended trial's needless checkpoints, on local storage (a URI is left alone):
+    once Tune's snapshot records its end, or at the sweep's end, after Tune's final snapshot."""
 
     def __init__(self) -> None:
         self.seen: dict[str, float] = {}  # checkpoint path: its validation accuracy
+        self.ended: dict[str, Path] = {}  # trial id: its folder, for trials not pruned yet
+        self.snapshot_checked = 0.0  # the modification time of the snapshot read last
+        self.started = False  # whether the first step of this run has been seen
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         accuracy = trial.last_result.get(METRIC)
@@ -55,7 +90,30 @@ class PruneEndedTrials(tune.Callback):
             self.seen[checkpoint.path] = accuracy
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if is_uri(trial.path):
+        if not is_uri(trial.path):
+            self.ended[trial.trial_id] = Path(trial.path)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.started:  # a resumed sweep: trials ended in the snapshot it was restored from
+            self.started = True
+            restored = {trial.trial_id: trial for trial in trials if trial.status == "TERMINATED"}
+            self.ended.update(
+                {key: Path(trial.path) for key, trial in restored.items() if not is_uri(trial.path)}
+            )
+            self._prune(set(restored) & set(self.ended))
+        if not self.ended:
             return
-        for folder in needless_checkpoints(Path(trial.path), self.seen):
-            shutil.rmtree(folder, ignore_errors=True)
+        experiment_folder = next(iter(self.ended.values())).parent
+        snapshot = newest_snapshot(experiment_folder)
+        modified = _modified(snapshot) if snapshot is not None else 0.0
+        if modified > self.snapshot_checked:  # read each version of the snapshot once
+            self.snapshot_checked = modified
+            self._prune(ended_in_snapshot(experiment_folder) & set(self.ended))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._prune(set(self.ended))  # Tune wrote its final snapshot just before this call
+
+    def _prune(self, trial_ids: set[str]) -> None:
+        for trial_id in trial_ids:
+            for folder in needless_checkpoints(self.ended.pop(trial_id), self.seen):
+                shutil.rmtree(folder, ignore_errors=True)

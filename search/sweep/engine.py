@@ -228,7 +228,8 @@ def _sweep(
                     # Tune keeps every checkpoint of a trial that trains: it deletes a pruned one
                     # at once but records the next in its snapshot only later, so a kill -9 in
                     # between left a resume naming a checkpoint that was gone, and the trial
-                    # failed. PruneEndedTrials deletes the needless ones once a trial has ended.
+                    # failed. PruneEndedTrials deletes the needless ones once the snapshot records
+                    # that a trial ended.
                     num_to_keep=None,
                 ),
                 verbose=verbose,
