@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from search import export, retrain, run
-from search.sweep.checkpoints import ended_in_snapshot
+from search.sweep.checkpoints import ended_in_snapshot, newest_snapshot
 from search.tracking.best import read_best
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
@@ -95,7 +95,7 @@ def test_tunes_stored_snapshot_reads_as_every_trial_ended_and_each_kept_its_best
     # format change, it would find none, and ended trials would keep every checkpoint until the end.
     folder = Path(sweep["settings"].sweep_location)
     trial_ids = {run.data.tags["trial_id"] for run in parent_and_children(sweep)[1]}
-    assert ended_in_snapshot(folder) == trial_ids
+    assert ended_in_snapshot(newest_snapshot(folder)) == trial_ids
     assert_ended_trials_keep_their_best_and_latest_checkpoints_only(sweep["settings"])
 
 

@@ -45,15 +45,12 @@ def needless_checkpoints(trial_folder: Path, seen: dict[str, float]) -> list[Pat
     return [path for path in scored if path not in (best, on_disk[-1])]
 
 
-def ended_in_snapshot(experiment_folder: Path) -> set[str]:
-    """The ids of the trials that the newest of Tune's stored snapshots records as ended.
+def ended_in_snapshot(snapshot: Path) -> set[str]:
+    """The ids of the trials that one of Tune's stored snapshots records as ended.
 
     Read from Tune's own file (experiment_state-*.json): should its format change, no trial
     reads as ended and checkpoints are pruned only at the sweep's end.
     """
-    snapshot = newest_snapshot(experiment_folder)
-    if snapshot is None:
-        return set()
     try:
         trials = [json.loads(state) for state, _ in json.loads(snapshot.read_text())["trial_data"]]
         return {trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"}
@@ -96,19 +93,17 @@ class PruneEndedTrials(tune.Callback):
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.started:  # a resumed sweep: trials ended in the snapshot it was restored from
             self.started = True
-            restored = {trial.trial_id: trial for trial in trials if trial.status == "TERMINATED"}
-            self.ended.update(
-                {key: Path(trial.path) for key, trial in restored.items() if not is_uri(trial.path)}
-            )
-            self._prune(set(restored) & set(self.ended))
+            restored = [trial for trial in trials if trial.status == "TERMINATED"]
+            for trial in restored:
+                self.on_trial_complete(iteration, trials, trial)
+            self._prune({trial.trial_id for trial in restored} & set(self.ended))
         if not self.ended:
             return
-        experiment_folder = next(iter(self.ended.values())).parent
-        snapshot = newest_snapshot(experiment_folder)
+        snapshot = newest_snapshot(next(iter(self.ended.values())).parent)
         modified = _modified(snapshot) if snapshot is not None else 0.0
-        if modified > self.snapshot_checked:  # read each version of the snapshot once
+        if snapshot is not None and modified > self.snapshot_checked:  # each version read once
             self.snapshot_checked = modified
-            self._prune(ended_in_snapshot(experiment_folder) & set(self.ended))
+            self._prune(ended_in_snapshot(snapshot) & set(self.ended))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._prune(set(self.ended))  # Tune wrote its final snapshot just before this call
