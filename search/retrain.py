@@ -32,13 +32,13 @@ from search.tracking.best import BestTrial, read_best
 from search.tracking.retrain_run import RetrainRun, TestResult
 from search.tracking.store import ImageDataset
 from trainables.checkpoint import ModelSpec
-from trainables.config import PRECISIONS, DataSettings
+from trainables.config import PRECISIONS, SCHEDULES, DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
 from trainables.loop import Report, Training
 from trainables.model import as_module, learning_rate
 from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
-from trainables.recipe import ASSIGNMENT, LONG_RUN, SCHEDULES, Recipe
+from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe
 from trainables.stats import wilson_interval
 
 PROG = "search.retrain"

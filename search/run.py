@@ -30,7 +30,7 @@ from search.cli import (
 )
 from search.sweep.settings import SAMPLERS, SCHEDULERS, SweepSettings, check_ray_address, check_reachable
 from spaces import space_names
-from trainables.config import PRECISIONS
+from trainables.config import PRECISIONS, SCHEDULES
 from trainables.errors import first_line
 from trainables.stats import wilson_interval
 
@@ -54,6 +54,11 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     )
     option("--reduction-factor", type=at_least_two, help="of the trials at a rung, 1 in this many goes on")
     option("--sampler", choices=SAMPLERS, help="gp (Gaussian process), tpe (multivariate) or random")
+    option(
+        "--schedule",
+        choices=SCHEDULES,
+        help="each trial's learning rate: onecycle rises to the config's and anneals to 0 by --epochs",
+    )
     option("--time-budget", dest="time_budget_s", type=duration, help="e.g. 10m: then no new trial starts")
     sweep.add_argument(
         "--warm-start",
@@ -98,6 +103,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         rungs=args.rungs,
         reduction_factor=args.reduction_factor,
         sampler=args.sampler,
+        schedule=args.schedule,
         warm_start=args.warm_start,
         time_budget_s=args.time_budget_s,
         seed=args.seed,

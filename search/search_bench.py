@@ -7,7 +7,8 @@ A strategy is judged by what it picked, not by its own best validation accuracy:
 the maximum of many noisy estimates is biased upward, and the more configs a sweep
 tries, the more. So 5,000 of the training images are held out of every sweep's
 reach (the audit split); each sweep's pick is trained again for one epoch with
-another seed, on the sweep's own training images, and scored on the audit split.
+another seed, as its sweep trained it, on the sweep's own training images, and
+scored on the audit split.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from trainables.data import (
 )
 from trainables.loop import Training
 from trainables.names import BEST_METRIC, EPOCH, METRIC, TRAIN_TFLOP
+from trainables.recipe import sweep_recipe
 from trainables.stats import wilson_interval
 
 SPACE = "nesterov"  # Part IV, the space a user sweeps first
@@ -60,24 +62,23 @@ class Strategy:
     # None: as many one-epoch trials as the default strategy trained epochs on the same seed, so
     # that the strategies without rungs within the epoch spend the same compute as it.
     num_samples: int | None
+    schedule: str  # each trial's learning rate, and the audit's retrain of the pick
 
     @property
     def is_default(self) -> bool:
         """Whether this is what `search.run` does unless told otherwise."""
-        return (self.sampler, self.rungs, self.num_samples) == tuple(
-            default(SweepSettings, name) for name in ("sampler", "rungs", "num_samples")
+        return (self.sampler, self.rungs, self.num_samples, self.schedule) == tuple(
+            default(SweepSettings, name) for name in ("sampler", "rungs", "num_samples", "schedule")
         )
 
 
-# What ran before rungs within the epoch: one-epoch trials, ASHA deciding at epoch ends only (so,
-# with one epoch, never). Each gets the compute that the default spends.
+# What ran before rungs within the epoch: one-epoch trials at the assignment's constant rate, ASHA
+# deciding at epoch ends only (so, with one epoch, never). Each gets the compute that the default spends.
 _RUNGS, _TRIALS = default(SweepSettings, "rungs"), default(SweepSettings, "num_samples")
 STRATEGIES = (  # the names key the kept sweeps: docs/search_benchmark_sweeps.json has these
-    Strategy("TPE, rungs within the epoch", "tpe", rungs=_RUNGS, num_samples=_TRIALS),
-    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=None),
-    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", rungs=1, num_samples=None),
-    Strategy("random, rungs within the epoch", "random", rungs=_RUNGS, num_samples=_TRIALS),
-    Strategy("GP, rungs within the epoch", "gp", rungs=_RUNGS, num_samples=_TRIALS),
+    Strategy("GP, rungs within the epoch, one cycle", "gp", _RUNGS, _TRIALS, "onecycle"),
+    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=None, schedule="constant"),
+    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", 1, None, "constant"),
 )
 
 
@@ -234,6 +235,7 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
             num_samples=strategy.num_samples,
             rungs=strategy.rungs,
             sampler=strategy.sampler,
+            schedule=strategy.schedule,
             warm_start=False,  # each sweep starts from nothing: a fair comparison
             seed=seed,
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
@@ -257,7 +259,7 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
             if BEST_METRIC in run.data.metrics:
                 best = max(best, run.data.metrics[BEST_METRIC])
             curve.append((spent, best))
-    audit_accuracy = _audit(config, splits, audit, seed + RETRAIN_SEED_OFFSET)
+    audit_accuracy = _audit(config, strategy.schedule, splits, audit, seed + RETRAIN_SEED_OFFSET)
     best_val = pick.data.metrics[BEST_METRIC]
     return SweepResult(
         strategy.name,
@@ -273,15 +275,17 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
     )
 
 
-def _audit(config: TrialConfig, splits: ImageSplits, audit: LabeledImages, seed: int) -> float:
-    """The config trained for one epoch on the sweep's training images, scored on the audit split."""
+def _audit(config: TrialConfig, schedule: str, splits: ImageSplits, audit: LabeledImages, seed: int) -> float:
+    """The config trained for one epoch as its sweep trained it, on the sweep's training images,
+    scored on the audit split."""
     audit_images = audit.images.contiguous(memory_format=torch.channels_last)
     audited = ImageSplits(
         splits.train_images, splits.train_labels, audit_images, audit.labels,
         splits.classes, splits.mean, splits.std, "audit",
     )  # fmt: skip
     spec = ModelSpec(config, audited.input_shape, audited.classes, audited.mean, audited.std)
-    (report,) = Training(spec, audited, seed, torch.device("cpu")).epochs(1, 1)
+    training = Training(spec, audited, seed, torch.device("cpu"), recipe=sweep_recipe(schedule), epochs=1)
+    (report,) = training.epochs(1, 1)
     return 0.0 if report.diverged or report.val is None else report.val.accuracy
 
 

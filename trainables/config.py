@@ -17,6 +17,7 @@ from trainables.errors import InputError
 MODEL_STYLES = ("barebones", "module", "sequential")
 # Arithmetic of a trial's model: auto is bf16 where the hardware computes in bf16 natively.
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("constant", "onecycle")  # the learning rate over a run (trainables.recipe.Recipe)
 OPTIMIZERS = ("sgd", "nesterov")
 
 

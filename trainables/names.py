@@ -21,6 +21,7 @@ EPOCH_TIME_S = "epoch_time_s"  # training plus validation since the last report:
 DIVERGED = "diverged"  # 1.0 when the loss stopped being finite; also a tag, "true"
 TRAIN_TFLOP = "train_tflop"  # a trial's cost so far: its training's floating-point operations
 TRIAL_SECONDS = "trial_seconds"  # and its training and validation time
+LEARNING_RATE = "lr"  # at the last step before a report (a trial's) or an epoch's end (a retrain's)
 REPORTED_METRICS = (
     METRIC,
     VAL_LOSS,
@@ -32,13 +33,13 @@ REPORTED_METRICS = (
     DIVERGED,
     TRAIN_TFLOP,
     TRIAL_SECONDS,
+    LEARNING_RATE,
 )
 PRECISION = "precision"  # fp32 or bf16, as a trial resolved it on its device: logged as a param
 PARAMETERS = "parameters"  # the model's weights and biases, counted: logged as a param
 RUN_PARAMS = (PRECISION, PARAMETERS)  # what a trial reports once, for its run's params
 BEST_METRIC = f"best_{METRIC}"  # a trial's best epoch, the one whose checkpoint is logged
 TEST_ACC = "test_acc"  # a retrain's, on the test images; with _low and _high, its 95% interval
-LEARNING_RATE = "lr"  # a retrain's, at the last step of each epoch
 TEST_LOSS = "test_loss"
 
 # Tags that tie runs to sweeps, trials and each other.

@@ -21,12 +21,13 @@ from trainables.checkpoint import ModelSpec, load_checkpoint
 from trainables.config import TrialConfig
 from trainables.data import ImageSplits
 from trainables.loop import Report, Training
-from trainables.model import training_flops_per_image
+from trainables.model import learning_rate, training_flops_per_image
 from trainables.names import (
     DIVERGED,
     EPOCH,
     EPOCH_TIME_S,
     IMAGES_SEEN,
+    LEARNING_RATE,
     METRIC,
     PARAMETERS,
     PRECISION,
@@ -37,6 +38,7 @@ from trainables.names import (
     TRIAL_SECONDS,
     VAL_LOSS,
 )
+from trainables.recipe import sweep_recipe
 
 WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
 
@@ -48,6 +50,7 @@ class TrialSettings:
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
     precision: str = "auto"  # one of trainables.config.PRECISIONS
+    schedule: str = "constant"  # one of trainables.config.SCHEDULES, over all of max_epochs
     # Where a trial reports besides each epoch's end, as fractions of all its training: the
     # scheduler's rungs, so it can stop a weak trial after a ninth of an epoch, say.
     rungs: tuple[float, ...] = ()
@@ -70,7 +73,15 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
     spec = ModelSpec(
         TrialConfig.from_dict(config), splits.input_shape, splits.classes, splits.mean, splits.std
     )
-    training = Training(spec, splits, settings.seed, device, settings.precision)
+    training = Training(
+        spec,
+        splits,
+        settings.seed,
+        device,
+        settings.precision,
+        recipe=sweep_recipe(settings.schedule),
+        epochs=settings.max_epochs,
+    )
     flops = training_flops_per_image(spec.config, spec.input_shape, spec.num_classes)
     about = {
         PRECISION: training.precision,
@@ -83,7 +94,7 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
 
     for report in training.reports(settings.report_points(training.epoch_images)):
         cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: training.seconds_trained}
-        results = {**_metrics(report), **cost, **about}
+        results = {**_metrics(report), **cost, LEARNING_RATE: learning_rate(training.optimizer), **about}
         if report.diverged:
             tune.report({**results, METRIC: WORST_ACCURACY, DIVERGED: 1.0})
             return

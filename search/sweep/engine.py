@@ -171,6 +171,7 @@ def _sweep(
                 max_epochs=settings.epochs,
                 seed=settings.seed,
                 precision=settings.precision,
+                schedule=settings.schedule,
                 rungs=settings.rung_fractions,
             ),
         ),

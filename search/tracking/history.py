@@ -1,7 +1,7 @@
 """Earlier sweeps' finished trials, read back from MLflow, for a new sweep to start from (warm start).
 
 Only trials that are comparable: same experiment and space, the same images and
-split, the same fidelity (epochs, rungs), trained to the end. Their configs and
+split, the same fidelity (epochs, rungs) and learning-rate schedule, trained to the end. Their configs and
 final validation accuracies; whether each fits the space's current ranges is the
 searcher's question.
 """
@@ -21,7 +21,7 @@ from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWE
 # The parent-run params that must match for two sweeps' trials to be comparable.
 COMPARABLE_PARAMS = (
     "data_source", "data_val_size", "data_max_train_images", "data_seed", "epochs", "scheduler", "rungs",
-    "reduction_factor",
+    "reduction_factor", "schedule",
 )  # fmt: skip
 
 
