@@ -37,6 +37,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         (["--space", "nesterov", "--cpus-per-trial", "nan"], "argument --cpus-per-trial: nan must be > 0"),
         (["--space", "nesterov", "--val-size", "1.5"], "argument --val-size: '1.5' is not a whole number"),
         (["--space", "nesterov", "--max-failures", "-1"], "argument --max-failures: -1 must be >= 0"),
+        (["--space", "nesterov", "--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
         (["--space", "nesterov", "--max-concurrent", "0"], "argument --max-concurrent: 0 must be >= 1"),
         (["--space", "nesterov", "--max-train-images", "0"], "argument --max-train-images: 0 must be >= 1"),
         (["--space", "nesterov", "--seed", "-3"], "argument --seed: -3 must be >= 0"),
@@ -224,3 +225,15 @@ def test_search_export_refuses_an_unknown_experiment_naming_the_known_ones(tmp_p
     )
     assert_one_line_error(result, f"no experiment 'ghost' in {store} (known: cifar10-sgd, Default)")
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_sweep_recorded_before_schedules_resumes_only_at_the_constant_rate_it_trained_at(tmp_path):
+    from search.sweep.settings import SweepSettings
+    from trainables.errors import InputError
+
+    old = SweepSettings(space="nesterov", storage_path=str(tmp_path), name="old", resume=True)
+    before_schedules = {flag: value for flag, value in old.identity().items() if flag != "--schedule"}
+    old.identity_file.write_text_atomically(json.dumps(before_schedules))
+    with pytest.raises(InputError, match="its --schedule was 'constant', now 'onecycle'"):
+        old.check_resumes_the_same_sweep()
+    SweepSettings(**{**vars(old), "schedule": "constant"}).check_resumes_the_same_sweep()

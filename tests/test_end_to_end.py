@@ -40,6 +40,7 @@ from trainables.names import (
     EPOCH,
     IMPORTANCE_JSON,
     IMPORTANCE_PNG,
+    LEARNING_RATE,
     METRIC,
     MODEL_ARTIFACT,
     PARAMETERS,
@@ -53,7 +54,7 @@ from trainables.names import (
     TRIAL_TABLE_ARTIFACT,
 )
 from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
-from trainables.recipe import LONG_RUN
+from trainables.recipe import LONG_RUN, sweep_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +136,25 @@ def test_each_child_has_its_config_per_report_metrics_and_no_junk(sweep):
             assert child.data.metrics[BEST_METRIC] == max(at_ends.values())
         else:  # stopped by ASHA inside its first epoch: no checkpoint, no best
             assert set(child.data.metrics) == set(REPORTED_METRICS)
+
+
+def test_each_trial_follows_one_cycle_over_the_sweeps_epochs_up_to_the_configs_rate(sweep):
+    parents, children = parent_and_children(sweep)
+    assert parents[0].data.params["schedule"] == "onecycle"  # the default
+    client = sweep["client"]
+    finished = 0
+    for child in children:
+        config_lr = float(child.data.params["lr"])
+        history = client.get_metric_history(child.info.run_id, LEARNING_RATE)
+        lrs = sorted(history, key=lambda point: point.step)
+        assert lrs and all(0 < point.value <= config_lr for point in lrs)
+        if reported_epochs(sweep["uri"], child)[-1] == EPOCHS:  # trained to the end: annealed by then
+            finished += 1
+            epoch_images = lrs[-1].step // EPOCHS  # a run's steps count the images seen
+            steps = EPOCHS * math.ceil(epoch_images / TrialConfig.from_params(child.data.params).batch_size)
+            expected = sweep_recipe("onecycle").learning_rate(config_lr, steps - 1, steps)
+            assert lrs[-1].value == pytest.approx(expected) and expected < config_lr / 10
+    assert finished >= 1
 
 
 def test_each_best_checkpoint_loads_in_plain_pytorch_and_rebuilds_the_model(sweep, tmp_path):
@@ -244,7 +264,7 @@ def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the
         assert [m.step for m in client.get_metric_history(retrained.info.run_id, metric)] == [1, 2]
     lrs = [m.value for m in client.get_metric_history(retrained.info.run_id, "lr")]
     config_lr = edited["optimizer"]["lr"]
-    if recipe == "assignment":  # the sweep's recipe: the config's learning rate throughout
+    if recipe == "assignment":  # the assignment's recipe: the config's learning rate throughout
         assert retrained.data.params["recipe_schedule"] == "constant" and lrs == [config_lr] * 2
     else:  # more than one epoch: one cycle, to a peak above the config's rate, decaying towards 0
         peak = LONG_RUN.peak_lr(config_lr, edited["optimizer"]["momentum"])

@@ -99,3 +99,7 @@ def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(
         images, tmp_path, data=other_split, space="narrowing", num_samples=2, scheduler="fifo", name="other"
     )
     assert run_sweep(elsewhere).warm_start == 0  # another validation split: not comparable
+    constant = sweep_of(
+        images, tmp_path, space="narrowing", num_samples=1, scheduler="fifo", schedule="constant", name="c"
+    )
+    assert run_sweep(constant).warm_start == 0  # trained at another learning-rate schedule: neither

@@ -161,6 +161,7 @@ class SweepSettings:
         if not self.resume or not self.identity_file.exists():
             return
         recorded = json.loads(self.identity_file.read_text())
+        recorded.setdefault("--schedule", "constant")  # what every sweep trained at before the option
         changed = [(flag, value) for flag, value in recorded.items() if self.identity().get(flag) != value]
         if changed:
             flag, value = changed[0]
