@@ -38,7 +38,7 @@ from trainables.errors import InputError
 from trainables.loop import Report, Training
 from trainables.model import as_module, learning_rate
 from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
-from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe
+from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe, sweep_recipe
 from trainables.stats import wilson_interval
 
 PROG = "search.retrain"
@@ -137,14 +137,16 @@ def _progress(epoch: int, epochs: int, report: Report, elapsed_s: float) -> None
     print(f"epoch {epoch}/{epochs}: {trained}{watched} | {elapsed_s:.0f}s, ETA {eta:.0f}s", flush=True)
 
 
-def recipe_from(args: argparse.Namespace) -> Recipe:
-    """The recipe the options pick: the long-run one when training more than one epoch, the
-    assignment's for one epoch or --recipe assignment; each part switchable."""
-    base = (
-        ASSIGNMENT
-        if args.recipe == "assignment" or (args.recipe == "auto" and args.epochs == 1)
-        else LONG_RUN
-    )
+def recipe_from(args: argparse.Namespace, sweep_schedule: str) -> Recipe:
+    """The recipe the options pick: the long-run one when training more than one epoch, the sweep's
+    own (its schedule over the one epoch) for one, the assignment's for --recipe assignment; each
+    part switchable."""
+    if args.recipe == "assignment":
+        base = ASSIGNMENT
+    elif args.recipe == "auto" and args.epochs == 1:
+        base = sweep_recipe(sweep_schedule)  # one epoch, as the sweep trained its trials
+    else:
+        base = LONG_RUN
     changes = {
         name: getattr(args, name)
         for name in (
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = parser.add_argument_group("recipe (each part's default: the recipe's)")
     recipe.add_argument(
         "--recipe", choices=("auto", "long", "assignment"), default="auto",
-        help="auto: long for more than one epoch; assignment: a constant learning rate, nothing else",
+        help="auto: long for more than one epoch, the sweep's for one; assignment: a constant rate only",
     )  # fmt: skip
     recipe.add_argument("--schedule", choices=SCHEDULES, help="the learning rate over time")
     recipe.add_argument(
@@ -205,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.epochs = args.epochs or best.epochs
     settings = RetrainSettings(
-        args.epochs, recipe_from(args), args.holdout, args.max_train_images, args.precision, args.register
+        args.epochs,
+        recipe_from(args, best.schedule),
+        args.holdout,
+        args.max_train_images,
+        args.precision,
+        args.register,
     )
     tracking_uri = check_tracking_uri(args.tracking_uri or best.tracking_uri)
     metrics = retrain(best, data, tracking_uri, settings)

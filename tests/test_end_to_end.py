@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from search import export, retrain, run
+from search.retrain import recipe_from
 from search.sweep.checkpoints import ended_in_snapshot, newest_snapshot
 from search.tracking.best import read_best
 from spaces import get_space
@@ -54,7 +56,7 @@ from trainables.names import (
     TRIAL_TABLE_ARTIFACT,
 )
 from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
-from trainables.recipe import LONG_RUN, sweep_recipe
+from trainables.recipe import ASSIGNMENT, LONG_RUN, sweep_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -229,7 +231,26 @@ def test_export_writes_the_winning_trial_and_every_trial(sweep, tmp_path):
     assert best["mlflow"]["checkpoint_uri"] == f"runs:/{winner.info.run_id}/{CHECKPOINT_ARTIFACT}"
     assert best["model"]["model"] == "sequential" and best["optimizer"]["optimizer"] == "nesterov"
     assert len(best["data"]["normalization"]["mean"]) == 3 and best["training"]["epochs"] == EPOCHS
+    assert best["training"]["schedule"] == "onecycle"  # how the sweep trained it, for a retrain
     assert pq.read_table(tmp_path / "trials.parquet").num_rows == NUM_SAMPLES
+
+
+@pytest.mark.parametrize(
+    ("recipe", "epochs", "expected"),
+    [
+        ("auto", 1, sweep_recipe("onecycle")),  # one epoch: as the sweep trained its trials
+        ("auto", 10, LONG_RUN),
+        ("long", 1, LONG_RUN),
+        ("assignment", 10, ASSIGNMENT),
+    ],
+)
+def test_a_retrain_picks_its_recipe_from_the_epochs_and_the_sweeps_schedule(recipe, epochs, expected):
+    unchanged = dict.fromkeys(
+        ("schedule", "peak_lr_factor", "max_effective_step", "augment", "crop_padding", "label_smoothing",
+         "ema_decay"),
+    )  # fmt: skip
+    options = argparse.Namespace(recipe=recipe, epochs=epochs, **unchanged)
+    assert recipe_from(options, sweep_schedule="onecycle") == expected
 
 
 RETRAIN_EPOCHS = 2

@@ -42,6 +42,7 @@ class BestTrial:
     spec: ModelSpec  # config, input shape, classes, normalization
     epochs: int  # what the trial trained for at most
     seed: int
+    schedule: str  # its learning rate over those epochs (trainables.recipe.sweep_recipe)
     data: DataSettings
     val_acc: float
     tracking_uri: str
@@ -66,6 +67,7 @@ class BestTrial:
                 **{name: config[name] for name in TRAINING_FIELDS},
                 "epochs": self.epochs,
                 "seed": self.seed,
+                "schedule": self.schedule,
             },
             "data": {
                 **asdict(self.data),
@@ -110,6 +112,8 @@ class BestTrial:
                 spec=spec,
                 epochs=int(training["epochs"]),
                 seed=int(training["seed"]),
+                # A file written before sweeps had schedules: its trial trained at a constant rate.
+                schedule=str(training.get("schedule", "constant")),
                 data=DataSettings(**data),
                 val_acc=float(values[METRIC]),
                 tracking_uri=str(values["mlflow"]["tracking_uri"]),
@@ -143,6 +147,7 @@ def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTr
         spec=spec,
         epochs=int(settings["epochs"]),
         seed=int(settings["seed"]),
+        schedule=str(settings.get("schedule", "constant")),  # a sweep from before schedules: constant
         data=data,
         val_acc=best.data.metrics[BEST_METRIC],
         tracking_uri=client.tracking_uri,
