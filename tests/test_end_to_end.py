@@ -155,7 +155,7 @@ def test_each_trial_follows_one_cycle_over_the_sweeps_epochs_up_to_the_configs_r
             epoch_images = lrs[-1].step // EPOCHS  # a run's steps count the images seen
             steps = EPOCHS * math.ceil(epoch_images / TrialConfig.from_params(child.data.params).batch_size)
             expected = sweep_recipe("onecycle").learning_rate(config_lr, steps - 1, steps)
-            assert lrs[-1].value == pytest.approx(expected) and expected < config_lr / 10
+            assert lrs[-1].value == pytest.approx(expected) and expected < config_lr / 2
     assert finished >= 1
 
 
