@@ -40,8 +40,9 @@ EPOCHS = 3
 
 
 def exploding(trial: optuna.Trial) -> dict:
-    """Learning rates far too high for plain SGD: every trial's loss leaves the finite numbers."""
-    trial.suggest_float("lr", 200.0, 2000.0, log=True)
+    """Learning rates far too high for plain SGD, even a tenth of them (one cycle's first steps warm
+    up from a ninth of the peak): every trial's loss leaves the finite numbers."""
+    trial.suggest_float("lr", 2000.0, 20000.0, log=True)
     return {
         "model": "module",
         "optimizer": "sgd",
@@ -54,7 +55,7 @@ def exploding(trial: optuna.Trial) -> dict:
 
 @pytest.fixture
 def exploding_space(monkeypatch):
-    space = SearchSpace("exploding", "test only", exploding, {"lr": 500.0})
+    space = SearchSpace("exploding", "test only", exploding, {"lr": 5000.0})
     monkeypatch.setitem(registry._SPACES, "exploding", space)  # gone again after the test
     return space
 
