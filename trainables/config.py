@@ -18,6 +18,7 @@ MODEL_STYLES = ("barebones", "module", "sequential")
 # Arithmetic of a trial's model: auto is bf16 where the hardware computes in bf16 natively.
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")  # the learning rate over a run (trainables.recipe.Recipe)
+UNRECORDED_SCHEDULE = "constant"  # what a sweep recorded before --schedule existed trained at
 OPTIMIZERS = ("sgd", "nesterov")
 
 

@@ -19,7 +19,7 @@ import requests
 
 from search.sweep.storage import StoredFile, check_storage, is_uri, join, resolve_storage
 from spaces import get_space
-from trainables.config import CIFAR10, PRECISIONS, SCHEDULES, DataSettings
+from trainables.config import CIFAR10, PRECISIONS, SCHEDULES, UNRECORDED_SCHEDULE, DataSettings
 from trainables.errors import InputError
 
 SCHEDULERS = ("asha", "fifo")
@@ -161,7 +161,7 @@ class SweepSettings:
         if not self.resume or not self.identity_file.exists():
             return
         recorded = json.loads(self.identity_file.read_text())
-        recorded.setdefault("--schedule", "constant")  # what every sweep trained at before the option
+        recorded.setdefault("--schedule", UNRECORDED_SCHEDULE)
         changed = [(flag, value) for flag, value in recorded.items() if self.identity().get(flag) != value]
         if changed:
             flag, value = changed[0]

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from search.tracking.store import best_child_run, is_diverged, load_json_artifact, status_counts
 from trainables.checkpoint import ModelSpec
-from trainables.config import DataSettings, TrialConfig
+from trainables.config import UNRECORDED_SCHEDULE, DataSettings, TrialConfig
 from trainables.errors import InputError
 from trainables.names import (
     BEST_METRIC,
@@ -112,8 +112,7 @@ class BestTrial:
                 spec=spec,
                 epochs=int(training["epochs"]),
                 seed=int(training["seed"]),
-                # A file written before sweeps had schedules: its trial trained at a constant rate.
-                schedule=str(training.get("schedule", "constant")),
+                schedule=str(training.get("schedule", UNRECORDED_SCHEDULE)),
                 data=DataSettings(**data),
                 val_acc=float(values[METRIC]),
                 tracking_uri=str(values["mlflow"]["tracking_uri"]),
@@ -147,7 +146,7 @@ def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTr
         spec=spec,
         epochs=int(settings["epochs"]),
         seed=int(settings["seed"]),
-        schedule=str(settings.get("schedule", "constant")),  # a sweep from before schedules: constant
+        schedule=str(settings.get("schedule", UNRECORDED_SCHEDULE)),
         data=data,
         val_acc=best.data.metrics[BEST_METRIC],
         tracking_uri=client.tracking_uri,
