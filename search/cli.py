@@ -71,6 +71,19 @@ def _number(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str
     return parse
 
 
+def compute_budget(text: str) -> float:
+    """TFLOP, from 60 or 2.5e2; none for no budget (inf)."""
+    if text.lower() == "none":
+        return math.inf
+    try:
+        tflop = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of TFLOP, or none") from None
+    if not math.isfinite(tflop) or tflop <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 TFLOP, or none")
+    return tflop
+
+
 def duration(text: str) -> float:
     """Seconds, from 90, 90s, 10m or 1.5h."""
     units = {"s": 1, "m": 60, "h": 3600}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import signal
 import sys
@@ -19,6 +20,7 @@ from search.cli import (
     OneLineParser,
     add_data_options,
     at_least_two,
+    compute_budget,
     data_settings,
     default,
     duration,
@@ -28,7 +30,14 @@ from search.cli import (
     positive_int,
     run_command,
 )
-from search.sweep.settings import SAMPLERS, SCHEDULERS, SweepSettings, check_ray_address, check_reachable
+from search.sweep.settings import (
+    COMPUTE_BUDGET_TFLOP_PER_EPOCH,
+    SAMPLERS,
+    SCHEDULERS,
+    SweepSettings,
+    check_ray_address,
+    check_reachable,
+)
 from spaces import space_names
 from trainables.config import PRECISIONS, SCHEDULES
 from trainables.errors import first_line
@@ -60,6 +69,13 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         help="each trial's learning rate: onecycle rises to the config's and anneals to 0 by --epochs",
     )
     option("--time-budget", dest="time_budget_s", type=duration, help="e.g. 10m: then no new trial starts")
+    option(
+        "--compute-budget",
+        dest="compute_budget_tflop",
+        type=compute_budget,
+        help=f"TFLOP of training, then no new trial starts; none: no budget (default: "
+        f"{COMPUTE_BUDGET_TFLOP_PER_EPOCH:g} per epoch of --epochs)",
+    )
     sweep.add_argument(
         "--warm-start",
         action=argparse.BooleanOptionalAction,
@@ -106,6 +122,7 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         schedule=args.schedule,
         warm_start=args.warm_start,
         time_budget_s=args.time_budget_s,
+        compute_budget_tflop=args.compute_budget_tflop,
         seed=args.seed,
         precision=args.precision,
         gpus_per_trial=args.gpus_per_trial,
@@ -139,6 +156,8 @@ def print_summary(outcome: SweepOutcome) -> None:
     )
     diverged = f", {outcome.diverged} of them diverged" if outcome.diverged else ""
     print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
+    budget = f" (budget {outcome.compute_budget:g})" if math.isfinite(outcome.compute_budget) else ""
+    print(f"Compute: {outcome.trained_tflop:.1f} TFLOP of training{budget}")
     if outcome.warm_start or outcome.warm_start_skipped:
         skipped = outcome.warm_start_skipped
         outside = f" ({skipped} skipped: outside the space's ranges)" if skipped else ""

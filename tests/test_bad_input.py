@@ -42,6 +42,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         (["--space", "nesterov", "--max-train-images", "0"], "argument --max-train-images: 0 must be >= 1"),
         (["--space", "nesterov", "--seed", "-3"], "argument --seed: -3 must be >= 0"),
         (["--space", "nesterov", "--seed", "x"], "argument --seed: 'x' is not a whole number"),
+        (
+            ["--space", "nesterov", "--compute-budget", "0"],
+            "argument --compute-budget: 0 must be more than 0",
+        ),
+        (
+            ["--space", "nesterov", "--compute-budget", "lots"],
+            "argument --compute-budget: 'lots' is not a number of TFLOP, or none",
+        ),
         (["--space", "nesterov", "--gpus-per-trial", "inf"], "argument --gpus-per-trial: inf must be >= 0"),
         (["--space", "nesterov", "--scheduler", "pbt"], "argument --scheduler: invalid choice: 'pbt'"),
         (["--space", "nesterov", "--tracking-uri", "ftp://host/x"], "unknown tracking URI scheme 'ftp'"),

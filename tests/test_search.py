@@ -15,6 +15,7 @@ from search.sweep.engine import run_sweep
 from spaces import registry
 from spaces.registry import SearchSpace
 from trainables.config import DataSettings
+from trainables.names import TRAIN_TFLOP
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,24 @@ def test_a_time_budget_stops_new_trials_and_the_sweep_ends_normally(images, tmp_
     ran = sum(outcome.trial_statuses.values())
     assert 2 <= ran < 200 and outcome.trial_statuses == {"FINISHED": ran}
     assert not outcome.interrupted and sweep_parent(settings).info.status == "FINISHED"
+    assert all(trial.state.is_finished() for trial in optuna_trials(settings))  # all told, none RUNNING
+
+
+def test_a_compute_budget_ends_the_sweep_at_the_trial_its_seed_fixes(images, tmp_path, ray_runtime):
+    budget = 0.3  # TFLOP: a few of the 200 trials (one of 570 images costs 0.02-0.5 TFLOP)
+    settings = sweep_of(images, tmp_path, num_samples=200, scheduler="fifo", compute_budget_tflop=budget)
+    outcome = run_sweep(settings)
+    assert not outcome.interrupted and sweep_parent(settings).info.status == "FINISHED"
+    runs = sorted(trial_runs(settings), key=lambda run: run.info.run_name)  # named in the order proposed
+    tflop = [run.data.metrics[TRAIN_TFLOP] for run in runs]
+    assert 2 <= len(runs) < 200 and outcome.trial_statuses == {"FINISHED": len(runs)}
+    assert outcome.trained_tflop == pytest.approx(sum(tflop)) and outcome.trained_tflop >= budget
+    # Trial k was proposed because trials 0 .. k - window had trained less than the budget, and the
+    # next was not because they had not: the count never depends on which trial finished first.
+    window = 3  # two trials at once on two cores, and one proposal ready
+    last = len(runs)
+    assert sum(tflop[: max(0, last - 1 - window + 1)]) < budget <= sum(tflop[: last - window + 1])
+    assert all(trial.state.is_finished() for trial in optuna_trials(settings))  # all told, none RUNNING
 
 
 LR_RANGE = {"low": 1e-4, "high": 1e-1}  # the warm-start test narrows it between two sweeps

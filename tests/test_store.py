@@ -45,7 +45,8 @@ def test_the_printed_commands_survive_a_paste_with_spaces_in_their_paths(capsys)
     outcome = SweepOutcome(
         sweep="first try", experiment="cifar10 nesterov", tracking_uri=store, parent_run_id="p",
         best_run_id="b", best_accuracy=0.5, val_size=1000, best_config={"lr": 0.01},
-        trial_statuses={"FINISHED": 1}, interrupted=False, failures={}, diverged=0,
+        trial_statuses={"FINISHED": 1}, interrupted=False, failures={}, diverged=0, trained_tflop=1.5,
+        compute_budget=60.0,
     )  # fmt: skip
     run.print_summary(outcome)
     printed = [line.split(":", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]

@@ -47,7 +47,7 @@ from search.tracking.store import (
 from spaces import SearchSpace, get_space
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
-from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE
+from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE, TRAIN_TFLOP
 from trainables.trainable import TrialSettings, train_convnet
 
 # Tune's snapshot of the sweep (what a resume after kill -9 restores) at most a second old, not
@@ -72,6 +72,8 @@ class SweepOutcome:
     interrupted: bool  # stopped by Ctrl-C or a stop signal before every trial ended
     failures: dict[str, str]  # run name -> the last line of its error
     diverged: int  # trials stopped because their loss stopped being finite
+    trained_tflop: float  # the compute all its trials spent, counted from the model's multiply-adds
+    compute_budget: float  # the TFLOP after which no trial was to start (inf: none)
     no_best_reason: str = ""  # when no trial has a best checkpoint: why, in words
     stop_signal: int | None = None  # SIGTERM or SIGHUP, when one stopped the sweep
     warm_start: int = 0  # earlier sweeps' finished trials the sampler started from
@@ -190,6 +192,7 @@ def _sweep(
         settings.journal,
         rebuild=settings.resume,
         deadline=deadline,
+        compute_budget=settings.compute_budget,
         grace_s=settings.tracking_grace_s,
     )
     stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
@@ -331,6 +334,7 @@ def _sweep_params(settings: SweepSettings, gpus_per_trial: float) -> dict[str, A
     }
     params.update({f"data_{key}": value for key, value in asdict(settings.data).items()})
     params["gpus_per_trial"] = gpus_per_trial
+    params["compute_budget_tflop"] = settings.compute_budget  # the default, resolved
     return params
 
 
@@ -358,5 +362,7 @@ def _outcome(
             if run.info.status == "FAILED"
         },
         diverged=sum(map(is_diverged, children)),
+        trained_tflop=sum(run.data.metrics.get(TRAIN_TFLOP, 0.0) for run in children),
+        compute_budget=settings.compute_budget,
         no_best_reason=why_no_best(children) if best is None else "",
     )

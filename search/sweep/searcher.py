@@ -18,7 +18,9 @@ proposed, and trial k is proposed only when trials 0 .. k - window have finished
 from exactly those. So the same seed gives the same configs. The cost: trial k waits
 for trial k - window even when a later one has finished; a window of one more than
 the trials at once keeps a proposal ready for the next free slot, unless two trials
-finish out of order in a row.
+finish out of order in a row. The compute budget is counted the same way: trial k is
+proposed only while trials 0 .. k - window trained less than it, so it ends a seed's sweep
+at the same trial on any machine; the trials under way then end as they would.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ray.tune.search import Searcher
 from search.sweep.settings import SweepSettings
 from search.tracking.history import PastTrial
 from spaces import SearchSpace
-from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, MODE
+from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, MODE, TRAIN_TFLOP
 
 
 def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
@@ -103,7 +105,9 @@ def make_searcher(
     )
     study.add_trials(history)
     study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
-    return SweepSearcher(space, study, settings.epochs, window, settings.num_samples, deadline)
+    return SweepSearcher(
+        space, study, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget
+    )
 
 
 @dataclass
@@ -114,6 +118,9 @@ class _Ledger:
     trials: dict[str, optuna.Trial] = field(default_factory=dict)  # Tune trial id -> Optuna's trial
     reports: dict[str, dict[int, float]] = field(default_factory=dict)  # id -> images seen -> value
     finished: dict[str, tuple[dict | None, bool]] = field(default_factory=dict)  # not yet told
+    tflop: dict[str, float] = field(default_factory=dict)  # id -> its training so far, in TFLOP
+    told_tflop: list[float] = field(default_factory=list)  # what proposed[:told] trained, in order
+    closed: bool = False  # a budget is spent: nothing more is proposed
     told: int = 0  # proposed[:told] have been told to the study
 
 
@@ -126,6 +133,7 @@ class SweepSearcher(Searcher):
         window: int,
         num_samples: int,
         deadline: float | None = None,
+        compute_budget: float = math.inf,
     ) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.space = space
@@ -134,19 +142,27 @@ class SweepSearcher(Searcher):
         self.window = window  # proposals that may be out at once: trial k waits for k - window
         self.num_samples = num_samples
         self.deadline = deadline  # wall-clock time after which no trial is proposed (--time-budget)
+        # TFLOP after which no trial is proposed (--compute-budget). Counted over trials 0 .. k - window
+        # only, for trial k, as the sampler sees them: so a seed gives the same trials, however fast.
+        self.compute_budget = compute_budget
         self.ledger = _Ledger()
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the metric and mode are the sweep's own, fixed
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self.deadline is not None and time.time() >= self.deadline:
-            return Searcher.FINISHED  # the time budget is spent: the trials under way end the sweep
         ledger = self.ledger
-        must_know = len(ledger.proposed) - self.window + 1  # trials 0 .. k - window, for trial k
+        must_know = max(0, len(ledger.proposed) - self.window + 1)  # trials 0 .. k - window, for trial k
         self._tell_up_to(must_know)
-        if ledger.told < must_know or len(ledger.proposed) >= self.num_samples:
+        out_of_time = self.deadline is not None and time.time() >= self.deadline
+        if ledger.told < must_know and not out_of_time:
             return None  # Tune asks again once a trial finishes
+        if out_of_time or ledger.closed or sum(ledger.told_tflop[:must_know]) >= self.compute_budget:
+            ledger.closed = True  # a budget is spent: the trials under way end the sweep
+            self._tell_up_to(len(ledger.proposed))
+            return Searcher.FINISHED
+        if len(ledger.proposed) >= self.num_samples:
+            return None
         trial = self.study.ask()
         config = self.space.config_for(trial)
         ledger.proposed.append(trial_id)
@@ -157,18 +173,21 @@ class SweepSearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.ledger.reports and METRIC in result and IMAGES_SEEN in result:
             self.ledger.reports[trial_id][int(result[IMAGES_SEEN])] = float(result[METRIC])
+        if trial_id in self.ledger.reports and TRAIN_TFLOP in result:
+            self.ledger.tflop[trial_id] = float(result[TRAIN_TFLOP])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result is not None:  # the last report comes here, not through on_trial_result
             self.on_trial_result(trial_id, result)
         self.ledger.finished[trial_id] = (result, error)
-        if len(self.ledger.proposed) >= self.num_samples:  # nothing more to propose: tell all, in order
+        if self.ledger.closed or len(self.ledger.proposed) >= self.num_samples:  # tell all, in order
             self._tell_up_to(len(self.ledger.proposed))
 
     def _tell_up_to(self, count: int) -> None:
         ledger = self.ledger
         while ledger.told < count and ledger.proposed[ledger.told] in ledger.finished:
             trial_id = ledger.proposed[ledger.told]
+            ledger.told_tflop.append(ledger.tflop.pop(trial_id, 0.0))
             self._tell(trial_id, *ledger.finished.pop(trial_id))
             ledger.told += 1
 

@@ -42,6 +42,7 @@ from trainables.names import (
     REPORTED_METRICS,
     RETRIES_TAG,
     RUN_PARAMS,
+    TRAIN_TFLOP,
 )
 
 
@@ -93,6 +94,7 @@ class SweepTracker(tune.Callback):
         grace_s: float,
         rebuild: bool = False,
         deadline: float | None = None,
+        compute_budget: float = math.inf,
     ) -> None:
         self.settings = {
             "tracking_uri": tracking_uri,
@@ -103,10 +105,12 @@ class SweepTracker(tune.Callback):
             "journal": journal,
             "rebuild": rebuild,
             "deadline": deadline,
+            "compute_budget": compute_budget,
             "grace_s": grace_s,
         }
         self.grace_s = grace_s  # at the end, how long a restarting server is waited for
         self.deadline = deadline  # when the time budget ends: fewer trials then is no interruption
+        self.compute_budget = compute_budget  # TFLOP: nor is it once the trials trained this much
         self.space = space
         self.num_samples = num_samples  # fewer trials at the end means the sweep was cut off
         self.max_epochs = max_epochs
@@ -179,7 +183,10 @@ class SweepTracker(tune.Callback):
         for trial_id, status in statuses.items():
             self.queue.submit(EndTrial(trial_id, status, only_if_started=True))
         self.open_trials.clear()
-        budget_spent = self.deadline is not None and time.time() >= self.deadline
+        trained_tflop = sum(float(trial.last_result.get(TRAIN_TFLOP, 0.0)) for trial in trials)
+        budget_spent = (self.deadline is not None and time.time() >= self.deadline) or (
+            trained_tflop >= self.compute_budget
+        )
         self._finish("KILLED" in statuses.values() or (len(trials) < self.num_samples and not budget_spent))
 
     def finish_after_a_crash(self) -> None:
