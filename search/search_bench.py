@@ -1,8 +1,11 @@
 """`python -m search.bench --search`: which search strategy picks the best config for the same compute.
 
-Each strategy sweeps the same images with several seeds. Those with one-epoch trials
-and no rungs within the epoch get as many trials as the default trained epochs on
-the same seed, so that they spend the same compute (epochs of training, in all).
+Each strategy sweeps the same images with several seeds. The default sweeps as
+`search.run` would, to its compute budget; the baselines then get, as their own
+--compute-budget, the TFLOP the default trained on the same seed, so that they spend
+the same compute (counted from the model's multiply-adds: an epoch of a wide config
+costs several of a narrow one). Each sweep ends at the first trial past its budget,
+so a baseline spends a little more than the default, never less.
 A strategy is judged by what it picked, not by its own best validation accuracy:
 the maximum of many noisy estimates is biased upward, and the more configs a sweep
 tries, the more. So 5,000 of the training images are held out of every sweep's
@@ -18,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,26 +62,28 @@ class Strategy:
     name: str
     sampler: str
     rungs: int  # 1: ASHA decides at epoch ends only; 3: also after a ninth and a third of an epoch
-    # None: as many one-epoch trials as the default strategy trained epochs on the same seed, so
-    # that the strategies without rungs within the epoch spend the same compute as it.
-    num_samples: int | None
     schedule: str  # each trial's learning rate, and the audit's retrain of the pick
+    # True: trials until the TFLOP the default trained on the same seed (BASELINE_MOST_TRIALS at
+    # most); False: search.run's own --num-samples and --compute-budget.
+    matches_default_compute: bool
 
     @property
     def is_default(self) -> bool:
         """Whether this is what `search.run` does unless told otherwise."""
-        return (self.sampler, self.rungs, self.num_samples, self.schedule) == tuple(
-            default(SweepSettings, name) for name in ("sampler", "rungs", "num_samples", "schedule")
-        )
+        own = tuple(default(SweepSettings, name) for name in ("sampler", "rungs", "schedule"))
+        return (self.sampler, self.rungs, self.schedule) == own and not self.matches_default_compute
 
 
+BASELINE_MOST_TRIALS = 200  # far more than a baseline's compute buys: its budget ends it
 # What ran before rungs within the epoch: one-epoch trials at the assignment's constant rate, ASHA
 # deciding at epoch ends only (so, with one epoch, never). Each gets the compute that the default spends.
-_RUNGS, _TRIALS = default(SweepSettings, "rungs"), default(SweepSettings, "num_samples")
+_SAMPLER, _RUNGS = default(SweepSettings, "sampler"), default(SweepSettings, "rungs")
 STRATEGIES = (  # the names key the kept sweeps: docs/search_benchmark_sweeps.json has these
-    Strategy("GP, rungs within the epoch, one cycle", "gp", _RUNGS, _TRIALS, "onecycle"),
-    Strategy("random, epoch-level ASHA", "random", rungs=1, num_samples=None, schedule="constant"),
-    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", 1, None, "constant"),
+    Strategy("GP, rungs within the epoch, one cycle", _SAMPLER, _RUNGS, "onecycle", False),
+    Strategy(
+        "random, epoch-level ASHA", "random", rungs=1, schedule="constant", matches_default_compute=True
+    ),
+    Strategy("TPE, epoch-level ASHA (the previous default)", "tpe", 1, "constant", True),
 )
 
 
@@ -89,13 +94,12 @@ class SweepResult:
     audit_accuracy: float  # the pick, trained again, on the audit split
     best_val_accuracy: float  # what the sweep itself reported for its pick
     configs: int  # trials the sweep started
-    epochs_spent: float  # compute: all the images its trials trained on, in epochs
+    epochs_spent: float  # all the images its trials trained on, in epochs
+    tflop_spent: float  # compute: the arithmetic of all its trials' training
+    compute_budget: float  # TFLOP: its --compute-budget (a baseline's, the default's tflop_spent)
     wall_s: float
     pick: dict[str, Any]
-    curve: list[tuple[float, float]]  # (epochs spent, best full-fidelity validation accuracy so far)
-    # Compute in arithmetic: an epoch of a wide config costs many of a narrow one. None in the
-    # sweeps measured before it was recorded.
-    tflop_spent: float | None = None
+    curve: list[tuple[float, float]]  # (TFLOP spent, best full-fidelity validation accuracy so far)
 
 
 def run_search_benchmark(
@@ -148,10 +152,10 @@ class SweepRecord:
             else:
                 print(f"Not reusing {path}: it was measured under other conditions")
 
-    def find(self, strategy: Strategy, seed: int) -> SweepResult | None:
-        """The strategy's sweep with this seed and as many trials (which the default's compute sets)."""
-        wanted = (strategy.name, seed, strategy.num_samples)
-        return next((r for r in self.results if (r.strategy, r.seed, r.configs) == wanted), None)
+    def find(self, strategy: Strategy, seed: int, budget: float) -> SweepResult | None:
+        """The strategy's sweep with this seed and compute budget (a baseline's, the default's spend)."""
+        wanted = (strategy.name, seed, budget)
+        return next((r for r in self.results if (r.strategy, r.seed, r.compute_budget) == wanted), None)
 
     def add(self, result: SweepResult) -> None:
         self.results.append(result)
@@ -180,23 +184,25 @@ def _sweep_each(
     owns_ray = start_ray(address=None, output="quiet")
     try:
         for seed in seeds:
-            default_spent = None  # the default runs first: the epochs it trained on this seed
-            for strategy in sorted(strategies, key=lambda strategy: not strategy.is_default):
-                if strategy.num_samples is None:
+            default_spent = None  # the default runs first: the TFLOP it trained on this seed
+            for strategy in sorted(strategies, key=lambda strategy: strategy.matches_default_compute):
+                if strategy.matches_default_compute:
                     if default_spent is None:
                         raise ValueError(f"{strategy.name} matches the default's compute: run it too")
-                    strategy = replace(strategy, num_samples=max(1, round(default_spent)))
-                result = record.find(strategy, seed)
+                    budget = default_spent
+                else:
+                    budget = SweepSettings(space=SPACE).compute_budget
+                result = record.find(strategy, seed, budget)
                 if result is None:
-                    result = _sweep_and_audit(strategy, seed, sweep_data, audit)
+                    result = _sweep_and_audit(strategy, seed, budget, sweep_data, audit)
                     record.add(result)
                 if strategy.is_default:
-                    default_spent = result.epochs_spent
+                    default_spent = result.tflop_spent
                 results.append(result)
                 print(
                     f"  seed {seed}, {strategy.name}: audit {result.audit_accuracy:.4f}, best validation "
-                    f"{result.best_val_accuracy:.4f}, {result.configs} configs, {result.epochs_spent:.1f} "
-                    f"epochs, {result.wall_s:.0f} s",
+                    f"{result.best_val_accuracy:.4f}, {result.configs} configs, {result.tflop_spent:.1f} "
+                    f"TFLOP ({result.epochs_spent:.1f} epochs), {result.wall_s:.0f} s",
                     flush=True,
                 )
     finally:
@@ -226,13 +232,17 @@ def _count(folder: Path) -> int:
     return sum(1 for _ in (folder / "train").rglob("*.*"))
 
 
-def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: LabeledImages) -> SweepResult:
+def _sweep_and_audit(
+    strategy: Strategy, seed: int, budget: float, data: DataSettings, audit: LabeledImages
+) -> SweepResult:
+    most_trials = {"num_samples": BASELINE_MOST_TRIALS} if strategy.matches_default_compute else {}
     with tempfile.TemporaryDirectory() as workdir:
         settings = SweepSettings(
             space=SPACE,
             data=DataSettings(**{**asdict(data), "seed": seed}),
             epochs=1,
-            num_samples=strategy.num_samples,
+            **most_trials,
+            compute_budget_tflop=budget,
             rungs=strategy.rungs,
             sampler=strategy.sampler,
             schedule=strategy.schedule,
@@ -252,26 +262,26 @@ def _sweep_and_audit(strategy: Strategy, seed: int, data: DataSettings, audit: L
         assert pick is not None, f"no trial of {settings.sweep_name} trained to the end"
         config = TrialConfig.from_params(pick.data.params)
         splits = load_splits(settings.data)
-        curve, spent, best = [], 0.0, 0.0
-        tflop = sum(run.data.metrics.get(TRAIN_TFLOP, 0.0) for run in children)
+        curve, tflop, epochs, best = [], 0.0, 0.0, 0.0
         for run in sorted(children, key=lambda run: run.info.end_time or 0):
-            spent += run.data.metrics.get(EPOCH, 0.0)  # how far the trial trained
+            tflop += run.data.metrics.get(TRAIN_TFLOP, 0.0)
+            epochs += run.data.metrics.get(EPOCH, 0.0)  # how far the trial trained
             if BEST_METRIC in run.data.metrics:
                 best = max(best, run.data.metrics[BEST_METRIC])
-            curve.append((spent, best))
+            curve.append((tflop, best))
     audit_accuracy = _audit(config, strategy.schedule, splits, audit, seed + RETRAIN_SEED_OFFSET)
-    best_val = pick.data.metrics[BEST_METRIC]
     return SweepResult(
-        strategy.name,
-        seed,
-        audit_accuracy,
-        best_val,
-        len(children),
-        spent,
-        wall_s,
-        config.to_dict(),
-        curve,
-        tflop,
+        strategy=strategy.name,
+        seed=seed,
+        audit_accuracy=audit_accuracy,
+        best_val_accuracy=pick.data.metrics[BEST_METRIC],
+        configs=len(children),
+        epochs_spent=epochs,
+        tflop_spent=tflop,
+        compute_budget=budget,
+        wall_s=wall_s,
+        pick=config.to_dict(),
+        curve=curve,
     )
 
 
@@ -313,20 +323,18 @@ def _table(
             "best_val_interval_95": [low, high],
             "configs_mean": statistics.mean(result.configs for result in mine),
             "epochs_spent_mean": statistics.mean(result.epochs_spent for result in mine),
+            "tflop_spent_mean": statistics.mean(result.tflop_spent for result in mine),
             "wall_s_mean": statistics.mean(result.wall_s for result in mine),
         }
-        tflops = [result.tflop_spent for result in mine if result.tflop_spent is not None]
-        if tflops:
-            row["tflop_spent_mean"] = statistics.mean(tflops)
         figures[strategy.name] = row
         each = ", ".join(f"{accuracy:.4f}" for accuracy in audits)
         print(f"  {strategy.name}{' (the default)' if strategy.is_default else ''}:")
         print(f"    audit {row['audit_mean']:.4f} ± {spread:.4f} (median {row['audit_median']:.4f}; {each})")
         print(f"    best validation {row['best_val_mean']:.4f} (95% interval {low:.4f}-{high:.4f})")
-        spent = f"{row['epochs_spent_mean']:.1f} epochs, {row['wall_s_mean']:.0f} s"
-        if tflops:
-            spent += f", {row['tflop_spent_mean']:.0f} TFLOP ({len(tflops)} of {len(mine)} sweeps)"
-        print(f"    {row['configs_mean']:.0f} configs, {spent}")
+        print(
+            f"    {row['configs_mean']:.0f} configs, {row['tflop_spent_mean']:.0f} TFLOP "
+            f"({row['epochs_spent_mean']:.1f} epochs), {row['wall_s_mean']:.0f} s"
+        )
     return figures
 
 
@@ -341,7 +349,7 @@ def _plot_curves(results: list[SweepResult], strategies: tuple[Strategy, ...]) -
             axes.step(
                 spent, best, where="post", color=color, alpha=0.8, label=strategy.name if index == 0 else None
             )
-    axes.set_xlabel("compute spent (epochs of training, all trials)")
+    axes.set_xlabel("compute spent (TFLOP of training, all trials)")
     axes.set_ylabel(f"best {METRIC} so far (full fidelity)")
     axes.set_title("Best-so-far against compute, one line per seed")
     axes.grid(alpha=0.3)

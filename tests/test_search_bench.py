@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from search.search_bench import STRATEGIES, run_search_benchmark
+from search.search_bench import BASELINE_MOST_TRIALS, STRATEGIES, run_search_benchmark
+from search.sweep.settings import SweepSettings
 from trainables.config import DataSettings
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,8 @@ def test_each_pick_is_scored_on_the_audit_split_at_equal_compute_and_kept_for_re
 ):
     data = DataSettings(source=str(image_folder), root=str(tmp_path / "cache"), val_size=9)
     (default,) = [strategy for strategy in STRATEGIES if strategy.is_default]
-    random_search = STRATEGIES[1]  # one-epoch trials: as many as the epochs the default spends
-    assert random_search.num_samples is None
+    random_search = STRATEGIES[1]  # one-epoch trials, until they trained what the default did
+    assert random_search.matches_default_compute
     figures = run_search_benchmark(data, [0], (default, random_search), tmp_path, audit_images=15)
     printed = capsys.readouterr().out
     assert "Audit split: 15 images held out; sweeps see the other 75" in printed
@@ -31,10 +32,14 @@ def test_each_pick_is_scored_on_the_audit_split_at_equal_compute_and_kept_for_re
         for sweep in json.loads((tmp_path / "search_benchmark.json").read_text())["sweeps"]
     }
     assert set(sweeps) == {default.name, random_search.name}
-    assert sweeps[default.name]["configs"] == default.num_samples
-    # Random search's one-epoch trials: as many as the epochs the default trained, each one epoch.
-    spent = sweeps[default.name]["epochs_spent"]
-    assert sweeps[random_search.name]["configs"] == max(1, round(spent))
+    # On 75 images the default's compute budget is far away: its --num-samples ends it.
+    assert sweeps[default.name]["configs"] == SweepSettings(space="nesterov").num_samples
+    # Random search gets the TFLOP the default trained as its budget, and stops at the first trial
+    # past it: the same compute or a little more, in one-epoch trials.
+    spent = sweeps[default.name]["tflop_spent"]
+    assert sweeps[random_search.name]["compute_budget"] == spent
+    assert spent <= sweeps[random_search.name]["tflop_spent"]
+    assert sweeps[random_search.name]["configs"] < BASELINE_MOST_TRIALS
     assert sweeps[random_search.name]["epochs_spent"] == pytest.approx(sweeps[random_search.name]["configs"])
     for strategy in (default, random_search):
         sweep, row = sweeps[strategy.name], figures[strategy.name]
@@ -44,7 +49,7 @@ def test_each_pick_is_scored_on_the_audit_split_at_equal_compute_and_kept_for_re
         assert row["audit_per_seed"] == [sweep["audit_accuracy"]]
         low, high = row["best_val_interval_95"]
         assert low <= sweep["best_val_accuracy"] <= high
-        assert sweep["tflop_spent"] > 0
+        assert sweep["tflop_spent"] > 0 and sweep["curve"][-1][0] == pytest.approx(sweep["tflop_spent"])
     assert Image.open(tmp_path / "search_benchmark.png").format == "PNG"
 
     # Run again under the same conditions: nothing is swept again, the figures are the same.
