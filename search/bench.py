@@ -218,11 +218,9 @@ def measure_rung_reports(
     """What a one-epoch trial pays for reporting at the default rungs within the epoch (a validation
     at each) against reporting at the epoch's end only: alternated, each one's best epoch kept."""
     epoch_images = len(splits.train_labels)
-    rungs = SweepSettings(space="nesterov").rung_fractions  # the default's; no space changes them
-    points = {
-        "end": [epoch_images],
-        "rungs": TrialSettings(max_epochs=1, seed=seed, rungs=rungs).report_points(epoch_images),
-    }
+    sweep = SweepSettings(space="nesterov")  # the default's rungs; no space changes them
+    trial = TrialSettings(max_epochs=1, seed=seed, schedule=sweep.schedule, rungs=sweep.rung_fractions)
+    points = {"end": [epoch_images], "rungs": trial.report_points(epoch_images)}
     seconds: dict[str, list[float]] = {name: [] for name in points}
     for _ in range(repeats):
         for name, at in points.items():

@@ -34,6 +34,11 @@ def test_before_any_result_the_line_says_the_remaining_time_is_unknown():
     assert status.line() == "[3s] trials: 0 done, 0 running, 4 pending, 0 failed, 0 diverged | ETA ?"
 
 
+def test_with_a_compute_budget_the_line_shows_how_much_of_it_is_spent():
+    status = SweepStatus(4, 2, 19, 0, 0, None, "", 75, remaining_s=60, tflop=23.44, compute_budget=60)
+    assert status.line().endswith("| ETA ~1m00s | 23.4 of 60 TFLOP")
+
+
 def two_trials(image_folder: Path, workdir: Path) -> list[str]:
     return sweep_args(small_sweep(image_folder, workdir))
 

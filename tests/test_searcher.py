@@ -3,27 +3,35 @@ Optuna hears honestly how each trial ended. Real Optuna samplers and studies; no
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
-from search.sweep.searcher import SweepSearcher, make_sampler, warm_start_trials
+from search.sweep.searcher import SweepSearcher, TrialCost, make_sampler, warm_start_trials
 from search.tracking.history import PastTrial
 from spaces import get_space
 from trainables.config import TrialConfig
-from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC
+from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, TRAIN_TFLOP
 
 SPACE = get_space("nesterov")
 
 
-def searcher(window: int, num_samples: int, sampler: str = "tpe", epochs: int = 1) -> SweepSearcher:
+COST = TrialCost(input_shape=(3, 32, 32), num_classes=10, images=900)  # one epoch of 900 images
+
+
+def searcher(
+    window: int, num_samples: int, sampler: str = "tpe", epochs: int = 1, budget: float = math.inf
+) -> SweepSearcher:
     study = optuna.create_study(
         direction="maximize", sampler=make_sampler(sampler, seed=0, num_samples=num_samples)
     )
     study.enqueue_trial(SPACE.first_point)
-    return SweepSearcher(SPACE, study, epochs, window, num_samples)
+    return SweepSearcher(SPACE, study, epochs, window, num_samples, compute_budget=budget, cost=COST)
 
 
 def score(config: dict) -> float:
@@ -31,24 +39,37 @@ def score(config: dict) -> float:
 
 
 def result(config: dict, epoch: float = 1.0, **extra) -> dict:
-    return {METRIC: score(config), EPOCH: epoch, IMAGES_SEEN: int(epoch * 900), **extra}
+    tflop = COST.most_tflop(TrialConfig.from_dict(config)) * epoch
+    return {METRIC: score(config), EPOCH: epoch, IMAGES_SEEN: int(epoch * 900), TRAIN_TFLOP: tflop, **extra}
 
 
-def sweep(finish_order: list[int], window: int = 2, num_samples: int = 8, sampler: str = "tpe") -> list[dict]:
+def sweep(
+    finish_order: list[int],
+    window: int = 2,
+    num_samples: int = 8,
+    sampler: str = "tpe",
+    budget: float = math.inf,
+) -> list[dict]:
     """Proposes as a sweep of `window` slots would, finishing the trials under way in the given order
     of preference; returns the configs proposed, in proposal order."""
-    wrapper = searcher(window, num_samples, sampler)
+    wrapper = searcher(window, num_samples, sampler, budget=budget)
     proposed: dict[str, dict] = {}
     running: list[str] = []
     preference = iter(finish_order * num_samples)
-    while len(proposed) < num_samples or running:
-        while len(proposed) < num_samples and len(running) < window:
+    finished = False
+    while (len(proposed) < num_samples and not finished) or running:
+        while len(proposed) < num_samples and len(running) < window and not finished:
             trial_id = f"t{len(proposed)}"
             config = wrapper.suggest(trial_id)
             if config is None:
                 break  # the searcher waits for an earlier trial: a real sweep would too
+            if config == Searcher.FINISHED:
+                finished = True
+                break
             proposed[trial_id] = config
             running.append(trial_id)
+        if not running:
+            break  # the budget is spent and every trial has ended
         finishing = running.pop(next(preference) % len(running))
         wrapper.on_trial_complete(finishing, result(proposed[finishing]))
     return list(proposed.values())
@@ -61,6 +82,16 @@ def test_the_same_seed_proposes_the_same_configs_whatever_order_trials_finish_in
     assert out_of_order == in_order
     assert in_order[0] == TrialConfig().to_dict()  # the assignment's point comes first
     assert len({(config["lr"], config["channel_1"]) for config in in_order}) == len(in_order)
+
+
+@pytest.mark.parametrize("budget", [0.2, 1.0])  # TFLOP: 3 and 6 of the 40 trials
+def test_a_compute_budget_ends_the_same_seed_at_the_same_trial_whatever_order_trials_finish_in(budget):
+    in_order = sweep(finish_order=[0], window=3, num_samples=40, budget=budget)
+    out_of_order = sweep(finish_order=[2, 0, 1, 1], window=3, num_samples=40, budget=budget)
+    assert out_of_order == in_order and len(in_order) < 40
+    # It ends at the first trial that brings it past the budget: no sooner, and no later.
+    spent = [COST.most_tflop(TrialConfig.from_dict(config)) for config in in_order]
+    assert sum(spent[:-1]) < budget <= sum(spent)
 
 
 def test_a_trial_waits_for_the_one_a_window_before_it():

@@ -49,8 +49,8 @@ class TrialSettings:
 
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
+    schedule: str  # one of trainables.config.SCHEDULES, over all of max_epochs: the sweep's, no default here
     precision: str = "auto"  # one of trainables.config.PRECISIONS
-    schedule: str = "constant"  # one of trainables.config.SCHEDULES, over all of max_epochs
     # Where a trial reports besides each epoch's end, as fractions of all its training: the
     # scheduler's rungs, so it can stop a weak trial after a ninth of an epoch, say.
     rungs: tuple[float, ...] = ()

@@ -25,7 +25,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from search.sweep.checkpoints import PruneEndedTrials
 from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
-from search.sweep.searcher import make_searcher, warm_start_trials
+from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
 from search.sweep.signals import StopSignals, held_back
 from search.tracking.best import why_no_best
@@ -180,6 +180,7 @@ def _sweep(
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )
     trials_at_once = _trials_at_once(settings, gpus_per_trial)
+    cost = TrialCost(splits.input_shape, len(splits.classes), len(splits.train_labels) * settings.epochs)
     # Trial k is proposed, and judged at a rung, only against trials 0 .. k - window: one more than
     # fit at once, so a proposal is ready whenever a slot frees.
     window = trials_at_once + 1
@@ -198,7 +199,8 @@ def _sweep(
     stop.on_abandon.insert(0, lambda signum: tracker.abandon())  # the runs first, the resume line last
     callbacks: list[tune.Callback] = [tracker, PruneEndedTrials()]
     if settings.output == "progress":
-        callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs))
+        budget = settings.compute_budget
+        callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs, budget))
     verbose = 2 if settings.output == "verbose" else 0
     if settings.resume:
         tuner = tune.Tuner.restore(settings.sweep_location, resourced, resume_errored=True)
@@ -215,7 +217,7 @@ def _sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=make_searcher(space, settings, window, warm_start, deadline),
+                search_alg=make_searcher(space, settings, window, warm_start, deadline, cost),
                 scheduler=_scheduler(settings, len(splits.train_labels), window),
                 num_samples=settings.num_samples,
                 # Also lets Tune start that many trials at once: with a searcher it would

@@ -7,6 +7,7 @@ trial ends, and one at least every minute.
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from search.tracking.callback import run_name
-from trainables.names import DIVERGED, EPOCH, METRIC
+from trainables.names import DIVERGED, EPOCH, METRIC, TRAIN_TFLOP
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class SweepStatus:
     best_trial: str  # the best trial's name, as its MLflow run has it
     elapsed_s: float
     remaining_s: float | None  # None until there is progress to extrapolate from
+    tflop: float = 0.0  # the training all the trials did so far
+    compute_budget: float = math.inf  # --compute-budget; shown when there is one
 
     def line(self) -> str:
         """Most telling first, so a narrow terminal cuts only the best trial's config."""
@@ -40,6 +43,8 @@ class SweepStatus:
             f"[{_duration(self.elapsed_s)}] trials: {self.done} done, {self.running} running, "
             f"{self.pending} pending, {self.failed} failed, {self.diverged} diverged | ETA {eta}"
         )
+        if math.isfinite(self.compute_budget):
+            line += f" | {self.tflop:.1f} of {self.compute_budget:g} TFLOP"
         if self.best_accuracy is not None:
             line += f" | best {METRIC} {self.best_accuracy:.4f} ({self.best_trial})"
         return line
@@ -51,10 +56,18 @@ class SweepProgress(tune.Callback):
     REFRESH_S = 1.0
     HEARTBEAT_S = 60.0
 
-    def __init__(self, space: str, num_samples: int, max_epochs: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        space: str,
+        num_samples: int,
+        max_epochs: int,
+        compute_budget: float = math.inf,
+        stream: TextIO | None = None,
+    ) -> None:
         self.space = space
         self.num_samples = num_samples
         self.max_epochs = max_epochs
+        self.compute_budget = compute_budget  # TFLOP: the sweep may end here, before num_samples
         self.stream = stream or sys.stdout
         self.interactive = self.stream.isatty()
         self._started = time.monotonic()
@@ -63,7 +76,12 @@ class SweepProgress(tune.Callback):
 
     # Tune pickles its callbacks with the experiment: keep the settings, not the stream.
     def __getstate__(self) -> dict[str, Any]:
-        return {"space": self.space, "num_samples": self.num_samples, "max_epochs": self.max_epochs}
+        return {
+            "space": self.space,
+            "num_samples": self.num_samples,
+            "max_epochs": self.max_epochs,
+            "compute_budget": self.compute_budget,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -108,7 +126,9 @@ class SweepProgress(tune.Callback):
             if METRIC in trial.metric_analysis
         ]
         best_accuracy, best = max(scored, key=lambda pair: pair[0], default=(None, None))
-        fraction = self._fraction(trials, ending)
+        tflop = sum(float((trial.last_result or {}).get(TRAIN_TFLOP, 0.0)) for trial in trials)
+        # Whichever ends the sweep first: its trials, or its compute budget.
+        fraction = max(self._fraction(trials, ending), min(1.0, tflop / self.compute_budget))
         if self._start_fraction is None:
             self._start_fraction = fraction
         elapsed = time.monotonic() - self._started
@@ -125,6 +145,8 @@ class SweepProgress(tune.Callback):
             best_trial=run_name(best, self.space) if best is not None else "",
             elapsed_s=elapsed,
             remaining_s=elapsed * (1 - fraction) / gained if gained > 0 else None,
+            tflop=tflop,
+            compute_budget=self.compute_budget,
         )
 
     def _fraction(self, trials: list, ending: dict[str, str]) -> float:

@@ -18,9 +18,13 @@ proposed, and trial k is proposed only when trials 0 .. k - window have finished
 from exactly those. So the same seed gives the same configs. The cost: trial k waits
 for trial k - window even when a later one has finished; a window of one more than
 the trials at once keeps a proposal ready for the next free slot, unless two trials
-finish out of order in a row. The compute budget is counted the same way: trial k is
-proposed only while trials 0 .. k - window trained less than it, so it ends a seed's sweep
-at the same trial on any machine; the trials under way then end as they would.
+finish out of order in a row.
+
+The compute budget is decided the same way, so it ends a seed's sweep at the same trial on
+any machine: trial k starts while trials 0 .. k - window trained, plus the trials since
+counted at their most (all their epochs), less than the budget. When that is too close to
+call, trial k waits for every earlier trial to end and starts if they trained less than it.
+A sweep thus overshoots its budget by at most the trials under way when it ends.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from ray.tune.search import Searcher
 from search.sweep.settings import SweepSettings
 from search.tracking.history import PastTrial
 from spaces import SearchSpace
+from trainables.config import TrialConfig
+from trainables.model import ImageShape, training_flops_per_image
 from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, MODE, TRAIN_TFLOP
 
 
@@ -84,12 +90,25 @@ def _within(distribution: BaseDistribution, value: Any) -> bool:
     return value is not None and distribution.low <= value <= distribution.high  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class TrialCost:
+    """The most compute a trial can spend: all its epochs, at its config's arithmetic per image."""
+
+    input_shape: ImageShape
+    num_classes: int
+    images: int  # every image a trial trains on, over all its epochs
+
+    def most_tflop(self, config: TrialConfig) -> float:
+        return training_flops_per_image(config, self.input_shape, self.num_classes) * self.images / 1e12
+
+
 def make_searcher(
     space: SearchSpace,
     settings: SweepSettings,
     window: int,
     history: list[FrozenTrial],
     deadline: float | None,
+    cost: TrialCost,
 ) -> SweepSearcher:
     """The sweep's searcher, its study seeded with the space's first point and earlier sweeps' trials."""
     journal = settings.optuna_journal
@@ -106,7 +125,7 @@ def make_searcher(
     study.add_trials(history)
     study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
     return SweepSearcher(
-        space, study, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget
+        space, study, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget, cost
     )
 
 
@@ -120,8 +139,13 @@ class _Ledger:
     finished: dict[str, tuple[dict | None, bool]] = field(default_factory=dict)  # not yet told
     tflop: dict[str, float] = field(default_factory=dict)  # id -> its training so far, in TFLOP
     told_tflop: list[float] = field(default_factory=list)  # what proposed[:told] trained, in order
+    most_tflop: list[float] = field(default_factory=list)  # what each proposed trial may train at most
     closed: bool = False  # a budget is spent: nothing more is proposed
     told: int = 0  # proposed[:told] have been told to the study
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # a ledger saved by an older version gets the fields it lacks, at their defaults
+        self.__dict__.update(state)
 
 
 class SweepSearcher(Searcher):
@@ -134,6 +158,7 @@ class SweepSearcher(Searcher):
         num_samples: int,
         deadline: float | None = None,
         compute_budget: float = math.inf,
+        cost: TrialCost | None = None,  # needed with a finite compute_budget
     ) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.space = space
@@ -142,9 +167,8 @@ class SweepSearcher(Searcher):
         self.window = window  # proposals that may be out at once: trial k waits for k - window
         self.num_samples = num_samples
         self.deadline = deadline  # wall-clock time after which no trial is proposed (--time-budget)
-        # TFLOP after which no trial is proposed (--compute-budget). Counted over trials 0 .. k - window
-        # only, for trial k, as the sampler sees them: so a seed gives the same trials, however fast.
-        self.compute_budget = compute_budget
+        self.compute_budget = compute_budget  # TFLOP after which no trial is proposed (--compute-budget)
+        self.cost = cost
         self.ledger = _Ledger()
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -155,20 +179,43 @@ class SweepSearcher(Searcher):
         must_know = max(0, len(ledger.proposed) - self.window + 1)  # trials 0 .. k - window, for trial k
         self._tell_up_to(must_know)
         out_of_time = self.deadline is not None and time.time() >= self.deadline
-        if ledger.told < must_know and not out_of_time:
+        if out_of_time or ledger.closed:
+            return self._close()
+        if ledger.told < must_know or len(ledger.proposed) >= self.num_samples:
             return None  # Tune asks again once a trial finishes
-        if out_of_time or ledger.closed or sum(ledger.told_tflop[:must_know]) >= self.compute_budget:
-            ledger.closed = True  # a budget is spent: the trials under way end the sweep
-            self._tell_up_to(len(ledger.proposed))
-            return Searcher.FINISHED
-        if len(ledger.proposed) >= self.num_samples:
-            return None
+        within_budget = self._within_budget(must_know)
+        if within_budget is None:
+            return None  # too close to call until the trials under way end
+        if not within_budget:
+            return self._close()
         trial = self.study.ask()
         config = self.space.config_for(trial)
+        if self.cost is not None:
+            ledger.most_tflop.append(self.cost.most_tflop(config))
         ledger.proposed.append(trial_id)
         ledger.trials[trial_id] = trial
         ledger.reports[trial_id] = {}
         return config.to_dict()
+
+    def _within_budget(self, must_know: int) -> bool | None:
+        """Whether the next trial may start within the compute budget; None: not before the trials
+        under way end. Decided from what the seed fixes, never from which trial ended first."""
+        ledger = self.ledger
+        if math.isinf(self.compute_budget):
+            return True
+        at_most = sum(ledger.told_tflop[:must_know]) + sum(ledger.most_tflop[must_know:])
+        if at_most < self.compute_budget:
+            return True
+        self._tell_up_to(len(ledger.proposed))
+        if ledger.told < len(ledger.proposed):
+            return None
+        return sum(ledger.told_tflop) < self.compute_budget
+
+    def _close(self) -> str:
+        """No more proposals (a budget is spent): the trials under way end the sweep, and each is told."""
+        self.ledger.closed = True
+        self._tell_up_to(len(self.ledger.proposed))
+        return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.ledger.reports and METRIC in result and IMAGES_SEEN in result:
@@ -220,7 +267,7 @@ class SweepSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
+            self.__dict__.update({"compute_budget": math.inf, **pickle.load(file)})  # saved before budgets
         self._fail_orphans()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from search.tracking.store import child_runs, is_diverged
-from trainables.config import TrialConfig
+from trainables.config import UNRECORDED_SCHEDULE, TrialConfig
 from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
 
 # The parent-run params that must match for two sweeps' trials to be comparable.
@@ -44,7 +44,8 @@ def finished_trials(
     for parent in parents:
         if parent.data.tags.get(SWEEP_TAG) == sweep:
             continue
-        if any(parent.data.params.get(name) != value for name, value in wanted.items()):
+        recorded = {"schedule": UNRECORDED_SCHEDULE, **parent.data.params}  # older sweeps lack it
+        if any(recorded.get(name) != value for name, value in wanted.items()):
             continue
         for run in child_runs(client, parent):
             if run.info.status != "FINISHED" or METRIC not in run.data.metrics:
