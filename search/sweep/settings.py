@@ -40,10 +40,9 @@ class SweepSettings:
     space: str
     data: DataSettings = field(default_factory=DataSettings)
     epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
-    # With ASHA's rungs at a ninth, a third and all of an epoch, the first trials (one window, see
-    # search.sweep.scheduler) train to the end and most later ones stop at a ninth: 25 trials
-    # trained 13.0-17.2 epochs in the search benchmark, against 8 for the earlier default of 8
-    # one-epoch trials (how many ASHA promotes depends on the scores).
+    # The most trials; on the nesterov space the compute budget ends a sweep first (13-16 trials in
+    # the search benchmark). With ASHA's rungs at a ninth, a third and all of an epoch, the first
+    # trials (one window, see search.sweep.scheduler) train to the end, most later ones stop at a ninth.
     num_samples: int = 25
     scheduler: str = "asha"
     rungs: int = 3  # ASHA's: each reduction_factor times the last, the last at all the training
