@@ -326,6 +326,10 @@ def _quiet_libraries(output: str) -> None:
         # summary names each failed trial (its traceback is in its MLflow run), and the resume
         # command comes last.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+        # Tune uploads to its storage through Ray Train's syncer, which logs a failed upload with its
+        # traceback whenever the next one waits on it (so only sometimes): the sweep reports a
+        # storage failure itself, in one line, and exits 4.
+        logging.getLogger("ray.train").setLevel(logging.CRITICAL)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
