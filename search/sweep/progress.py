@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from search.tracking.callback import run_name
-from trainables.names import DIVERGED, EPOCH, METRIC, TRAIN_TFLOP
+from search.tracking.callback import run_name, trained_tflop
+from trainables.names import DIVERGED, EPOCH, METRIC
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class SweepProgress(tune.Callback):
             if METRIC in trial.metric_analysis
         ]
         best_accuracy, best = max(scored, key=lambda pair: pair[0], default=(None, None))
-        tflop = sum(float((trial.last_result or {}).get(TRAIN_TFLOP, 0.0)) for trial in trials)
+        tflop = trained_tflop(trials)
         # Whichever ends the sweep first: its trials, or its compute budget.
         fraction = max(self._fraction(trials, ending), min(1.0, tflop / self.compute_budget))
         if self._start_fraction is None:

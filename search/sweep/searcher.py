@@ -24,7 +24,7 @@ The compute budget is decided the same way, so it ends a seed's sweep at the sam
 any machine: trial k starts while trials 0 .. k - window trained, plus the trials since
 counted at their most (all their epochs), less than the budget. When that is too close to
 call, trial k waits for every earlier trial to end and starts if they trained less than it.
-A sweep thus overshoots its budget by at most the trials under way when it ends.
+A sweep thus ends at the first trial that takes it past its budget.
 """
 
 from __future__ import annotations

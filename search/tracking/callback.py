@@ -46,6 +46,11 @@ from trainables.names import (
 )
 
 
+def trained_tflop(trials: list) -> float:
+    """The training the sweep's trials did so far, from their last reports."""
+    return sum(float((trial.last_result or {}).get(TRAIN_TFLOP, 0.0)) for trial in trials)
+
+
 def final_status(trial: Any, max_epochs: int) -> str:
     """How a trial's end in Tune shows in MLflow.
 
@@ -183,9 +188,8 @@ class SweepTracker(tune.Callback):
         for trial_id, status in statuses.items():
             self.queue.submit(EndTrial(trial_id, status, only_if_started=True))
         self.open_trials.clear()
-        trained_tflop = sum(float(trial.last_result.get(TRAIN_TFLOP, 0.0)) for trial in trials)
         budget_spent = (self.deadline is not None and time.time() >= self.deadline) or (
-            trained_tflop >= self.compute_budget
+            trained_tflop(trials) >= self.compute_budget
         )
         self._finish("KILLED" in statuses.values() or (len(trials) < self.num_samples and not budget_spent))
 
