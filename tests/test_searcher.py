@@ -31,7 +31,7 @@ def searcher(
         direction="maximize", sampler=make_sampler(sampler, seed=0, num_samples=num_samples)
     )
     study.enqueue_trial(SPACE.first_point)
-    return SweepSearcher(SPACE, study, epochs, window, num_samples, compute_budget=budget, cost=COST)
+    return SweepSearcher(SPACE, study, COST, epochs, window, num_samples, compute_budget=budget)
 
 
 def score(config: dict) -> float:
@@ -140,13 +140,13 @@ def test_a_searcher_restored_behind_its_study_neither_tells_twice_nor_leaves_a_g
     study = optuna.create_study(
         study_name="s", storage=storage, direction="maximize", sampler=make_sampler("tpe", 0, 8)
     )
-    live = SweepSearcher(SPACE, study, epochs=1, window=1, num_samples=8)  # one trial at a time
+    live = SweepSearcher(SPACE, study, COST, epochs=1, window=1, num_samples=8)  # one trial at a time
     first = live.suggest("t0")
     live.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot before the kill
     live.on_trial_complete("t0", result(first))
     live.suggest("t1")  # t0 told to the study, t1 proposed: neither is in the snapshot
 
-    restored = SweepSearcher(SPACE, study, epochs=1, window=1, num_samples=8)
+    restored = SweepSearcher(SPACE, study, COST, epochs=1, window=1, num_samples=8)
     restored.restore(str(tmp_path / "snapshot.pkl"))
     restored.on_trial_complete("t0", result(first))  # Tune ends t0 again, from its checkpoint
     assert restored.suggest("t1") is not None

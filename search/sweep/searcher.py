@@ -125,7 +125,7 @@ def make_searcher(
     study.add_trials(history)
     study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
     return SweepSearcher(
-        space, study, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget, cost
+        space, study, cost, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget
     )
 
 
@@ -153,12 +153,12 @@ class SweepSearcher(Searcher):
         self,
         space: SearchSpace,
         study: optuna.Study,
+        cost: TrialCost,  # what a trial may train at most, for the compute budget
         epochs: int,
         window: int,
         num_samples: int,
         deadline: float | None = None,
         compute_budget: float = math.inf,
-        cost: TrialCost | None = None,  # needed with a finite compute_budget
     ) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.space = space
@@ -190,8 +190,7 @@ class SweepSearcher(Searcher):
             return self._close()
         trial = self.study.ask()
         config = self.space.config_for(trial)
-        if self.cost is not None:
-            ledger.most_tflop.append(self.cost.most_tflop(config))
+        ledger.most_tflop.append(self.cost.most_tflop(config))
         ledger.proposed.append(trial_id)
         ledger.trials[trial_id] = trial
         ledger.reports[trial_id] = {}
