@@ -34,7 +34,11 @@ def test_the_benchmark_prints_its_figures_as_json(image_folder, tmp_path, capsys
     for precision in ("fp32", "bf16"):
         rate = figures[f"project_{precision}_img_per_s"]
         assert figures[f"project_{precision}_gflop_per_s"] == pytest.approx(rate * flops / 1e9)
-        assert 0 < figures[f"project_{precision}_of_peak"] < 1  # no loop beats the machine's own peak
+        # The fraction of the peak measured in the same run. Not bounded by 1 here: the peak and the
+        # loop are timed at different moments, and tests share this machine's two cores.
+        peak = figures[f"peak_{precision}_gflop_per_s"]
+        assert peak > 0
+        assert figures[f"project_{precision}_of_peak"] == pytest.approx(rate * flops / 1e9 / peak)
         assert len(figures[f"val_acc_{precision}"]) == 2
     # A one-epoch trial reports at each default rung within the epoch and at its end, each
     # report a validation: what that costs beside reporting at the end only.
@@ -43,6 +47,6 @@ def test_the_benchmark_prints_its_figures_as_json(image_folder, tmp_path, capsys
         figures["epoch_reported_at_rungs_s"] / figures["epoch_reported_at_end_s"] - 1
     )
     for trials in (1, 2):
-        assert 0 < figures[f"parallel_{trials}_of_peak"] < 1
+        assert figures[f"parallel_{trials}_of_peak"] > 0
     assert figures["sweep_trials"] == 2 and len(figures["sweep_startup_s"]) == 2
     assert 1 <= figures["sweep_concurrent"] <= 2
