@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from conftest import REPO
 
 from trainables.config import TrialConfig
-from trainables.model import build_model, build_optimizer, initial_parameters, training_flops_per_image
+from trainables.model import (
+    build_model,
+    build_optimizer,
+    classify,
+    initial_parameters,
+    training_flops_per_image,
+)
 
 INPUT_SHAPE = (3, 32, 32)
 STYLES = ("barebones", "module", "sequential")
@@ -29,6 +35,20 @@ def test_the_three_styles_compute_the_same_function_from_the_same_seed():
     outputs = [build_model(config_for(style), INPUT_SHAPE, 10, seed=3)(images) for style in STYLES]
     for output in outputs[1:]:
         torch.testing.assert_close(output, outputs[0])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_classifier_is_flatten_then_linear_in_either_memory_layout(layout):
+    features = torch.randn(4, 6, 5, 7).contiguous(memory_format=layout).requires_grad_()
+    weight, bias = torch.randn(3, 6 * 5 * 7, requires_grad=True), torch.randn(3, requires_grad=True)
+    by_convolution = classify(features, weight, bias)
+    by_linear = F.linear(features.flatten(1), weight, bias)
+    torch.testing.assert_close(by_convolution, by_linear)
+    upstream = torch.randn(4, 3)  # the same gradient arriving from the loss
+    gradients = torch.autograd.grad(by_convolution, (features, weight, bias), upstream)
+    expected = torch.autograd.grad(by_linear, (features, weight, bias), upstream)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference)
 
 
 def test_different_seeds_give_different_weights():
