@@ -46,8 +46,8 @@ def classify(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     The same sums as `F.linear(features.flatten(1), weight, bias)`, with the weight read in
     flatten's order, but taken in whatever memory layout the features have: channels-last
     features need no copy into flatten's order, and the gradient comes back channels-last, so
-    the ReLU before runs its backward on one layout. A step of Part IV is 14% faster on two
-    threads (bf16, measured 2026-12-03).
+    the ReLU before runs its backward on one layout. A step of Part IV is 6-10% faster on two
+    threads in bf16, 2-4% on one, 14% on two in fp32 (measured 2026-12-03).
 
     In fp32 whatever the autocast: under bf16 autocast, oneDNN's AMX matmul killed the process
     with SIGFPE (in its blocking heuristics) for some shapes (32 images of 48x32x32 features,
