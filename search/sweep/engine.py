@@ -28,6 +28,7 @@ from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
 from search.sweep.signals import StopSignals, held_back
+from search.sweep.storage import make_local_folder
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -100,6 +101,7 @@ def run_sweep(
     """
     space = get_space(settings.space)
     tracking_uri = settings.tracking_uri or default_tracking_uri()
+    make_local_folder(settings.storage)
     _check_resume(settings)
     _quiet_libraries(settings.output)
     check_reachable(tracking_uri)
@@ -141,6 +143,8 @@ def _sweep(
     gpus_per_trial = settings.gpus_per_trial
     if gpus_per_trial is None:
         gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
+    if settings.address is None:
+        _check_a_trial_fits(settings.cpus_per_trial, gpus_per_trial)
     datasets = (
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
@@ -274,6 +278,21 @@ def _storage_failure(error: BaseException) -> str | None:
             return f"{type(error).__name__}: {first_line(error)}"
         error = error.__cause__ or error.__context__
     return None
+
+
+def _check_a_trial_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """On the local Ray, which has all it will ever have, a trial that asks for more would wait
+    forever: refused. (A cluster's autoscaler may still add the nodes a trial asks for.)"""
+    resources = ray.cluster_resources()
+    for name, asked, flag in (
+        ("CPU", cpus_per_trial, "--cpus-per-trial"),
+        ("GPU", gpus_per_trial, "--gpus-per-trial"),
+    ):
+        has = resources.get(name, 0.0)
+        if asked > has:
+            raise InputError(
+                f"{flag} {asked:g} asks for more than the {has:g} {name}s of Ray here: no trial could start"
+            )
 
 
 def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:

@@ -32,6 +32,19 @@ def check_storage(location: str) -> None:
             raise InputError(f"--storage-path {location} cannot be opened: {error}") from None
 
 
+def make_local_folder(location: str) -> None:
+    """Creates a local storage folder, or refuses it in one line (a file in the way, no permission):
+    before the sweep's MLflow run exists, so a bad path leaves nothing behind."""
+    if is_uri(location):
+        return
+    try:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"--storage-path {location} cannot be made a folder ({error.strerror}: {error.filename})"
+        ) from None
+
+
 def resolve_storage(location: str) -> str:
     """A URI as given; a local path made absolute, so every process reads the same folder."""
     if is_uri(location):
