@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from search.cli import EXIT_OK, OneLineParser, run_command
+from search.cli import EXIT_OK, OneLineParser, output_file, run_command
 from search.tracking.best import best_trial, write_best
 from search.tracking.store import (
     check_store_exists,
@@ -41,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     parser.add_argument("--sweep", help="sweep name (default: the experiment's latest sweep)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write best.json")
-    parser.add_argument("--trials", type=Path, help="also write every trial as a Parquet table here")
+    parser.add_argument("--out", type=output_file, required=True, help="where to write best.json")
+    parser.add_argument("--trials", type=output_file, help="also write every trial as a Parquet table here")
     args = parser.parse_args(argv)
 
     client, parent, children = find_sweep(

@@ -23,6 +23,7 @@ from search.cli import (
     default,
     non_negative_float,
     non_negative_int,
+    output_file,
     positive_float,
     positive_int,
     run_command,
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     parser.add_argument("--register", help="also register the model under this name")
-    parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
+    parser.add_argument("--out", type=output_file, help="write the metrics here as JSON")
     args = parser.parse_args(argv)
 
     best = read_best(args.best)
