@@ -39,6 +39,22 @@ def test_with_a_compute_budget_the_line_shows_how_much_of_it_is_spent():
     assert status.line().endswith("| ETA ~1m00s | 23.4 of 60 TFLOP")
 
 
+def test_on_a_narrow_terminal_the_short_line_keeps_the_best_accuracy_in_view():
+    status = SweepStatus(
+        done=2, running=2, pending=0, failed=0, diverged=0,
+        best_accuracy=0.4120, best_trial="001 channel_1=32 channel_2=16 effective_step=0.02 momentum=0.5",
+        elapsed_s=62, remaining_s=41, tflop=3.2, compute_budget=60,
+    )  # fmt: skip
+    assert len(status.line()) > 80
+    assert status.line(width=80) == "[1m02s] 2 done, 2 running | best 0.4120 (001) | ETA ~41s | 3.2/60 TFLOP"
+    assert status.line(width=200) == status.line()  # a wide terminal gets the whole line
+
+
+def test_the_short_line_still_counts_every_kind_of_trial_there_is():
+    status = SweepStatus(12, 2, 10, 1, 3, None, "", elapsed_s=3700, remaining_s=None)
+    assert status.line(width=70) == "[1h01m] 12 done, 2 running, 10 pending, 1 failed, 3 diverged | ETA ?"
+
+
 def two_trials(image_folder: Path, workdir: Path) -> list[str]:
     return sweep_args(small_sweep(image_folder, workdir))
 

@@ -36,18 +36,34 @@ class SweepStatus:
     tflop: float = 0.0  # the training all the trials did so far
     compute_budget: float = math.inf  # --compute-budget; shown when there is one
 
-    def line(self) -> str:
-        """Most telling first, so a narrow terminal cuts only the best trial's config."""
+    def line(self, width: int | None = None) -> str:
+        """Most telling first, so a narrow terminal cuts only the best trial's config. Where the
+        whole line does not fit `width` (80 columns, say), a short form keeps the best accuracy."""
         eta = "?" if self.remaining_s is None else f"~{_duration(self.remaining_s)}"
-        line = (
-            f"[{_duration(self.elapsed_s)}] trials: {self.done} done, {self.running} running, "
-            f"{self.pending} pending, {self.failed} failed, {self.diverged} diverged | ETA {eta}"
-        )
+        counts = {"done": self.done, "running": self.running, "pending": self.pending}
+        counts |= {"failed": self.failed, "diverged": self.diverged}
+        parts = [
+            f"[{_duration(self.elapsed_s)}] trials: "
+            + ", ".join(f"{n} {word}" for word, n in counts.items()),
+            f"ETA {eta}",
+        ]
         if math.isfinite(self.compute_budget):
-            line += f" | {self.tflop:.1f} of {self.compute_budget:g} TFLOP"
+            parts.append(f"{self.tflop:.1f} of {self.compute_budget:g} TFLOP")
         if self.best_accuracy is not None:
-            line += f" | best {METRIC} {self.best_accuracy:.4f} ({self.best_trial})"
-        return line
+            parts.append(f"best {METRIC} {self.best_accuracy:.4f} ({self.best_trial})")
+        whole = " | ".join(parts)
+        if width is None or len(whole) < width:
+            return whole
+        # Short: no spare words, no counts of 0 but done's, the best trial by its number, and the
+        # best accuracy before the time left and the compute spent.
+        shown = [f"{n} {word}" for word, n in counts.items() if n or word == "done"]
+        short = [f"[{_duration(self.elapsed_s)}] " + ", ".join(shown)]
+        if self.best_accuracy is not None:
+            short.append(f"best {self.best_accuracy:.4f} ({self.best_trial.split(' ')[0]})")
+        short.append(f"ETA {eta}")
+        if math.isfinite(self.compute_budget):
+            short.append(f"{self.tflop:.1f}/{self.compute_budget:g} TFLOP")
+        return " | ".join(short)[: width - 1]
 
 
 class SweepProgress(tune.Callback):
@@ -166,11 +182,10 @@ class SweepProgress(tune.Callback):
     def _show(self, status: SweepStatus, event: str | None = None) -> None:
         self._last_print = time.monotonic()
         if self.interactive:
-            width = shutil.get_terminal_size().columns
-            line = status.line()
+            line = status.line(shutil.get_terminal_size().columns)
             if event:  # an event scrolls up on a line of its own; the status line stays last
                 self.stream.write(f"\r\x1b[K{event}\n")
-            self.stream.write("\r\x1b[K" + line[: width - 1])
+            self.stream.write("\r\x1b[K" + line)
         else:
             self.stream.write((f"{event} | " if event else "") + status.line() + "\n")
         self.stream.flush()
