@@ -1,10 +1,12 @@
 """The sweep explains itself: what its parent run holds once the sweep ends, and again after a resume.
 
 - importance.json / importance.png: how much each searched hyperparameter mattered for the
-  best validation accuracy, by Optuna's fANOVA and PED-ANOVA evaluators over the sweep's trials;
-- accuracy_by_hyperparameter.png: each trial's best validation accuracy against each searched
-  hyperparameter (Optuna's slice plot, on a log axis where the space samples on a log scale);
-- learning_curves.png: validation accuracy per epoch of the top trials (Optuna's intermediate values);
+  validation accuracy at the first report, which every trial reaches (so all stand at one
+  fidelity), by Optuna's fANOVA and PED-ANOVA evaluators over the sweep's trials;
+- accuracy_by_hyperparameter.png: each trial's validation accuracy at its first report against each
+  searched hyperparameter (Optuna's slice plot, on a log axis where the space samples on a log scale);
+- learning_curves.png: validation accuracy against images seen of the top trials, named by their
+  run numbers (Optuna's intermediate values);
 - trials.parquet (one row a trial), summary.md, and best.json (the file `search.export` writes).
 
 The report rebuilds the sweep as an in-memory Optuna study, so Optuna's own
@@ -27,6 +29,7 @@ import matplotlib.pyplot as plt
 import optuna
 import optuna.visualization.matplotlib as optuna_plots
 import pyarrow.parquet as pq
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -107,7 +110,9 @@ def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -
             plot_importance(importance).savefig(folder / IMPORTANCE_PNG)
             slices = optuna_plots.plot_slice(study, target_name=FIRST_REPORT)
             _save_optuna_plot(slices, folder / ACCURACY_PNG)
-            _save_optuna_plot(optuna_plots.plot_intermediate_values(curves), folder / CURVES_PNG)
+            _save_optuna_plot(
+                label_curves(optuna_plots.plot_intermediate_values(curves), curves), folder / CURVES_PNG
+            )
             pq.write_table(trial_table(children), folder / TRIAL_TABLE_ARTIFACT)
             try:
                 write_best(best_trial(client, parent, children), folder / BEST_JSON)
@@ -199,7 +204,7 @@ def plot_importance(importance: dict[str, Any]) -> Figure:
     params = importance["params"]
     figure = Figure(figsize=(7, 1.2 + 0.5 * max(1, len(params))), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
-    axes.set_title(f"Hyperparameter importance for {BEST_METRIC} ({importance['trials']} trials)")
+    axes.set_title(f"Hyperparameter importance for {importance['target']} ({importance['trials']} trials)")
     if not evaluators:
         axes.text(0.5, 0.5, "\n".join(importance["notes"]), ha="center", va="center", wrap=True)
         axes.set_axis_off()
@@ -215,6 +220,21 @@ def plot_importance(importance: dict[str, Any]) -> Figure:
     axes.set_xlabel("importance (each evaluator's values sum to 1)")
     axes.legend(loc="lower right")
     return figure
+
+
+def label_curves(axes: Axes, study: optuna.Study) -> Axes:
+    """Optuna names each curve Trial<number> of its own study; the sweep's runs are numbered
+    001, 002, ... in MLflow, so the legend and axes say what the sweep calls them."""
+    for line in axes.get_lines():
+        number = line.get_label().removeprefix("Trial")
+        if number.isdigit():  # else a later Optuna's own label stays
+            line.set_label(study.trials[int(number)].user_attrs["run_name"].split()[0])
+    axes.set_title(f"{METRIC} of the top {len(study.trials)} trials")
+    axes.set_xlabel("images seen")
+    axes.set_ylabel(METRIC)
+    if len(study.trials) >= 2:
+        axes.legend(bbox_to_anchor=(1.05, 1), loc="upper left", borderaxespad=0.0)
+    return axes
 
 
 def _save_optuna_plot(axes: Any, path: Path) -> None:
