@@ -151,8 +151,9 @@ def _options_of(group: Any) -> Callable[..., Any]:
 
 
 def print_summary(outcome: SweepOutcome) -> None:
-    counts = ", ".join(
-        f"{count} {status.lower()}" for status, count in sorted(outcome.trial_statuses.items())
+    counts = (
+        ", ".join(f"{count} {status.lower()}" for status, count in sorted(outcome.trial_statuses.items()))
+        or "no trial recorded yet"
     )
     diverged = f", {outcome.diverged} of them diverged" if outcome.diverged else ""
     print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
