@@ -245,3 +245,45 @@ def test_a_sweep_recorded_before_schedules_resumes_only_at_the_constant_rate_it_
     with pytest.raises(InputError, match="its --schedule was 'constant', now 'onecycle'"):
         old.check_resumes_the_same_sweep()
     SweepSettings(**{**vars(old), "schedule": "constant"}).check_resumes_the_same_sweep()
+
+
+def test_a_storage_path_that_cannot_be_a_folder_is_refused_before_mlflow_hears_of_it(tmp_path):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file, not a folder")
+    result = run_module("search.run", "--space", "sgd", "--storage-path", str(in_the_way), cwd=tmp_path)
+    assert_one_line_error(result, f"--storage-path {in_the_way} cannot be made a folder (File exists")
+    assert list(tmp_path.iterdir()) == [in_the_way]  # no MLflow store, so no run left RUNNING
+
+
+@pytest.mark.parametrize("resource", ["--cpus-per-trial", "--gpus-per-trial"])
+def test_a_trial_bigger_than_the_local_ray_is_refused_not_left_waiting(resource, image_folder, tmp_path):
+    """The local Ray has all it will ever have: Tune would wait forever for the resources."""
+    args = ["--space", "sgd", "--data", str(image_folder), "--val-size", "10", resource, "1000"]
+    result = run_module("search.run", *args, "--storage-path", str(tmp_path / "results"), cwd=tmp_path)
+    name = "CPUs" if resource == "--cpus-per-trial" else "GPUs"
+    assert_one_line_error(result, f"{resource} 1000 asks for more than the")
+    assert f"{name} of Ray here: no trial could start" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["search.export", "--experiment", "cifar10-sgd", "--out", "no/such/folder/best.json"],
+        [
+            "search.export",
+            "--experiment",
+            "cifar10-sgd",
+            "--out",
+            "b.json",
+            "--trials",
+            "no/such/folder/t.pq",
+        ],
+        ["search.retrain", "best.json", "--out", "no/such/folder/metrics.json"],
+    ],
+)
+def test_an_output_file_in_a_folder_that_does_not_exist_is_refused_before_any_work(command, tmp_path):
+    """A retrain would otherwise train for hours and fail writing its last file."""
+    result = run_module(*command, cwd=tmp_path)
+    assert_one_line_error(result, "folder no/such/folder does not exist")
+    assert list(tmp_path.iterdir()) == []
