@@ -48,6 +48,8 @@ def test_on_a_narrow_terminal_the_short_line_keeps_the_best_accuracy_in_view():
     assert len(status.line()) > 80
     assert status.line(width=80) == "[1m02s] 2 done, 2 running | best 0.4120 (001) | ETA ~41s | 3.2/60 TFLOP"
     assert status.line(width=200) == status.line()  # a wide terminal gets the whole line
+    cut = status.line(width=130)  # wide enough for all but the end of the best trial's config
+    assert cut == status.line()[:129] and cut.endswith("best val_acc 0.4120 (001 channe")
 
 
 def test_the_short_line_still_counts_every_kind_of_trial_there_is():

@@ -37,8 +37,8 @@ class SweepStatus:
     compute_budget: float = math.inf  # --compute-budget; shown when there is one
 
     def line(self, width: int | None = None) -> str:
-        """Most telling first, so a narrow terminal cuts only the best trial's config. Where the
-        whole line does not fit `width` (80 columns, say), a short form keeps the best accuracy."""
+        """Most telling first, so a narrow terminal cuts only the best trial's config. Where more
+        would be cut (at 80 columns, say), a short form keeps the best accuracy in view."""
         eta = "?" if self.remaining_s is None else f"~{_duration(self.remaining_s)}"
         counts = {"done": self.done, "running": self.running, "pending": self.pending}
         counts |= {"failed": self.failed, "diverged": self.diverged}
@@ -52,8 +52,11 @@ class SweepStatus:
         if self.best_accuracy is not None:
             parts.append(f"best {METRIC} {self.best_accuracy:.4f} ({self.best_trial})")
         whole = " | ".join(parts)
-        if width is None or len(whole) < width:
+        if width is None:
             return whole
+        up_to_the_best_trials_number = len(whole) - len(self.best_trial) + len(self.best_trial.split(" ")[0])
+        if up_to_the_best_trials_number < width:  # at most the best trial's config is cut
+            return whole[: width - 1]
         # Short: no spare words, no counts of 0 but done's, the best trial by its number, and the
         # best accuracy before the time left and the compute spent.
         shown = [f"{n} {word}" for word, n in counts.items() if n or word == "done"]
