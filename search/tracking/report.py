@@ -183,10 +183,10 @@ def param_importance(study: optuna.Study, distributions: dict[str, BaseDistribut
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """The throwaway studies' INFO lines, and the plots' warnings, would land in the middle of the
-    sweep's output."""
+    """The throwaway studies' INFO lines, and the plots' warnings (an empty study's, after an early
+    Ctrl-C), would land in the middle of the sweep's output."""
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
