@@ -68,6 +68,13 @@ def retrain(
         raise InputError(
             f"test classes {list(test.classes)} differ from train classes {list(splits.classes)}"
         )
+    if (splits.classes, splits.input_shape) != (best.spec.classes, best.spec.input_shape):
+        these = f"{len(splits.classes)} classes of shape {list(splits.input_shape)}"
+        sweeps = f"{len(best.spec.classes)} of {list(best.spec.input_shape)}"
+        print(
+            f"note: these images ({these}) are not the sweep's ({sweeps}); the model is built for them",
+            file=sys.stderr,
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelSpec(best.spec.config, splits.input_shape, splits.classes, splits.mean, splits.std)
     training = Training(spec, splits, best.seed, device, settings.precision, settings.recipe, settings.epochs)

@@ -329,6 +329,22 @@ def test_a_retrain_whose_source_run_was_deleted_says_so_and_records_it(sweep, tm
         client.restore_run(best["mlflow"]["run_id"])
 
 
+def test_a_retrain_on_other_classes_than_the_sweeps_says_so_and_builds_the_model_for_them(
+    sweep, tmp_path, capsys
+):
+    best_path = export_best(sweep, tmp_path)
+    edited = json.loads(best_path.read_text())
+    classes = edited["model"]["classes"]
+    edited["model"]["classes"] = [*classes, "elsewhere"]  # as if the sweep had seen one class more
+    best_path.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert retrain.main([str(best_path), "--epochs", "1", "--out", str(tmp_path / "m.json")]) == 0
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: these images")]
+    assert f"({len(classes)} classes of shape [3, 32, 32]) are not the sweep's ({len(classes) + 1} of" in note
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics["per_class_accuracy"]) == classes  # the model is built for the images it got
+
+
 def test_a_retrain_that_diverges_under_the_recipe_names_the_knob_and_keeps_its_epochs(sweep, tmp_path):
     best_path = export_best(sweep, tmp_path)
     edited = json.loads(best_path.read_text())
