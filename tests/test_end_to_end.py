@@ -89,6 +89,8 @@ def test_the_sweep_exits_zero_with_one_parent_and_a_child_per_trial(sweep):
     assert sweep["code"] == 0
     assert len(parents) == 1 and len(children) == NUM_SAMPLES
     assert parents[0].info.status == "FINISHED"
+    params = parents[0].data.params  # the defaults as the sweep resolved them, not None
+    assert params["experiment"] == "cifar10-nesterov" and params["tracking_uri"] == sweep["uri"]
     assert all(child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for child in children)
     assert all(child.info.status == "FINISHED" for child in children)
 

@@ -149,7 +149,7 @@ def _sweep(
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
     )
-    params = _sweep_params(settings, gpus_per_trial)
+    params = _sweep_params(settings, gpus_per_trial, tracking_uri)
     try:
         client = open_store(tracking_uri)
         past = []
@@ -353,13 +353,17 @@ def _quiet_libraries(output: str) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def _sweep_params(settings: SweepSettings, gpus_per_trial: float) -> dict[str, Any]:
+def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: str) -> dict[str, Any]:
+    """The settings as the sweep's parent run records them, with each default resolved to the value
+    the sweep used."""
     params = {
         key: value for key, value in asdict(settings).items() if key not in {"data", "resume", "output"}
     }
     params.update({f"data_{key}": value for key, value in asdict(settings.data).items()})
     params["gpus_per_trial"] = gpus_per_trial
-    params["compute_budget_tflop"] = settings.compute_budget  # the default, resolved
+    params["compute_budget_tflop"] = settings.compute_budget
+    params["experiment"] = settings.experiment_name
+    params["tracking_uri"] = tracking_uri
     return params
 
 
