@@ -159,6 +159,8 @@ def print_summary(outcome: SweepOutcome) -> None:
     print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
     budget = f" (budget {outcome.compute_budget:g})" if math.isfinite(outcome.compute_budget) else ""
     print(f"Compute: {outcome.trained_tflop:.1f} TFLOP of training{budget}")
+    if outcome.ended_by is not None:
+        print(f"Ended by {outcome.ended_by}: no trial started after it")
     if outcome.warm_start or outcome.warm_start_skipped:
         skipped = outcome.warm_start_skipped
         outside = f" ({skipped} skipped: outside the space's ranges)" if skipped else ""

@@ -74,7 +74,7 @@ def test_into_a_pipe_it_prints_plain_status_lines_and_no_tune_tables(image_folde
     events = [line for line in status_lines if line[:4] in ("001 ", "002 ")]  # named as in MLflow
     assert len(events) == 2 and all(" finished at epoch 1: val_acc " in line for line in events)
     assert "trials: 2 done, 0 running, 0 pending, 0 failed, 0 diverged" in status_lines[-1]
-    assert "best val_acc " in status_lines[-1]
+    assert "best val_acc " in status_lines[-1] and "| ETA ~0s |" in status_lines[-1]  # the end: none left
     assert "\r" not in result.stdout and "\x1b[" not in result.stdout
     assert TUNE_TABLE not in result.stdout and TUNE_HEADER not in result.stdout
 

@@ -65,6 +65,7 @@ def test_a_time_budget_stops_new_trials_and_the_sweep_ends_normally(images, tmp_
     assert time.monotonic() - started < 90  # not 200 trials: the budget, the trials under way, the report
     ran = sum(outcome.trial_statuses.values())
     assert 2 <= ran < 200 and outcome.trial_statuses == {"FINISHED": ran}
+    assert outcome.ended_by == "its --time-budget of 12 s"  # the summary says why it ended early
     assert not outcome.interrupted and sweep_parent(settings).info.status == "FINISHED"
     assert all(trial.state.is_finished() for trial in optuna_trials(settings))  # all told, none RUNNING
 
@@ -78,6 +79,7 @@ def test_a_compute_budget_ends_the_sweep_at_the_trial_its_seed_fixes(images, tmp
     tflop = [run.data.metrics[TRAIN_TFLOP] for run in runs]
     assert 2 <= len(runs) < 200 and outcome.trial_statuses == {"FINISHED": len(runs)}
     assert outcome.trained_tflop == pytest.approx(sum(tflop)) and outcome.trained_tflop >= budget
+    assert outcome.ended_by == "its --compute-budget of 0.3 TFLOP"
     # It ends at the first trial that brings it past the budget: no sooner, and no later.
     assert sum(tflop[:-1]) < budget <= sum(tflop)
     assert all(trial.state.is_finished() for trial in optuna_trials(settings))  # all told, none RUNNING

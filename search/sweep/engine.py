@@ -80,6 +80,7 @@ class SweepOutcome:
     warm_start: int = 0  # earlier sweeps' finished trials the sampler started from
     warm_start_skipped: int = 0  # those left out, their params outside the space's current ranges
     storage_error: str | None = None  # Tune's storage failed (a full disk, say): what it said
+    ended_by: str | None = None  # the budget after which no trial started, before --num-samples did
 
 
 # A function trainable with train_convnet's signature and contract (reports METRIC per epoch).
@@ -267,6 +268,11 @@ def _sweep(
     # A trial's own ENOSPC says more than the EOFError Tune then meets reading back its files.
     full = next((error for error in tracker.errors if any(words in error for words in STORAGE_FULL)), None)
     outcome.storage_error = first_line(full.strip().splitlines()[-1]) if full else storage_error
+    if not outcome.interrupted and sum(outcome.trial_statuses.values()) < settings.num_samples:
+        if deadline is not None and time.time() >= deadline:
+            outcome.ended_by = f"its --time-budget of {settings.time_budget_s:g} s"
+        elif outcome.trained_tflop >= settings.compute_budget:
+            outcome.ended_by = f"its --compute-budget of {settings.compute_budget:g} TFLOP"
     return outcome
 
 

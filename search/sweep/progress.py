@@ -7,6 +7,7 @@ trial ends, and one at least every minute.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -127,7 +128,8 @@ class SweepProgress(tune.Callback):
         self._show(self.status(trials, ending={trial.trial_id: "ERROR"}), event)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._show(self.status(trials))
+        # Nothing is left, whatever the extrapolation says: a budget can end a sweep early.
+        self._show(dataclasses.replace(self.status(trials), remaining_s=0.0))
         if self.interactive:
             self.stream.write("\n")
             self.stream.flush()
