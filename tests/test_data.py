@@ -161,3 +161,8 @@ def test_images_of_another_size_are_named(tmp_path):
 def test_a_validation_set_as_large_as_the_data_is_refused(image_folder, tmp_path):
     with pytest.raises(InputError, match="leaves no training images"):
         load_splits(settings(image_folder, tmp_path, val_size=90))
+
+
+def test_fewer_training_images_than_classes_are_refused(image_folder, tmp_path):
+    with pytest.raises(InputError, match="--max-train-images 2 is fewer than the 3 classes"):
+        load_splits(settings(image_folder, tmp_path, val_size=9, max_train_images=2))

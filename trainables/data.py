@@ -117,6 +117,12 @@ def split_indices(labels: Tensor, settings: DataSettings) -> tuple[Tensor, Tenso
         raise InputError(
             f"a validation set of {settings.val_size} images leaves no training images out of {len(labels)}"
         )
+    classes = int(labels.unique().numel())
+    if settings.max_train_images is not None and settings.max_train_images < classes:
+        raise InputError(
+            f"--max-train-images {settings.max_train_images} is fewer than the {classes} classes: "
+            "some class would have no training image"
+        )
     val_index, train_index = stratified_split(labels, settings.val_size, settings.seed)
     if settings.max_train_images is not None and settings.max_train_images < len(train_index):
         kept, _ = stratified_split(labels[train_index], settings.max_train_images, settings.seed + 1)
