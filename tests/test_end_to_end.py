@@ -127,7 +127,10 @@ def test_each_child_has_its_config_per_report_metrics_and_no_junk(sweep):
     _, children = parent_and_children(sweep)
     client = sweep["client"]
     for child in children:
-        assert set(child.data.params) == {*TrialConfig().to_dict(), PRECISION, PARAMETERS}
+        # The config, and nesterov's searched effective step, which the config holds only as lr.
+        assert set(child.data.params) == {*TrialConfig().to_dict(), "effective_step", PRECISION, PARAMETERS}
+        step = float(child.data.params["lr"]) / (1 - float(child.data.params["momentum"]))
+        assert float(child.data.params["effective_step"]) == pytest.approx(step)
         assert child.data.params[PRECISION] == resolve_precision("auto", torch.device("cpu"))
         epochs = reported_epochs(sweep["uri"], child)
         assert epochs == sorted(epochs) and epochs[0] > 0 and epochs[-1] <= EPOCHS

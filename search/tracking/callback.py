@@ -77,6 +77,13 @@ def run_name(trial: Any, space: str) -> str:
     return " ".join([f"{number:03d}", *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
 
 
+def run_params(trial: Any, space: str) -> dict[str, Any]:
+    """The trial's MLflow params: its config, and the values its space searched where the config
+    holds them only derived (nesterov's effective_step), so the MLflow UI sorts and plots by them."""
+    searched = get_space(space).searched_values(TrialConfig.from_dict(trial.config))
+    return {**searched, **trial.config}
+
+
 def _short(value: Any) -> str:
     return f"{value:.2g}" if isinstance(value, float) else str(value)
 
@@ -146,7 +153,9 @@ class SweepTracker(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.open_trials[trial.trial_id] = None
-        self.queue.submit(StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config)))
+        self.queue.submit(
+            StartTrial(trial.trial_id, run_name(trial, self.space), run_params(trial, self.space))
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         step = int(result.get(IMAGES_SEEN, result.get("training_iteration", 0)))
@@ -227,7 +236,9 @@ class SweepTracker(tune.Callback):
         if results is None:
             return  # never reported, or on remote storage: only a live trial's writes reach MLflow
         self.queue.submit(
-            StartTrial(trial.trial_id, run_name(trial, self.space), dict(trial.config), reopen=False)
+            StartTrial(
+                trial.trial_id, run_name(trial, self.space), run_params(trial, self.space), reopen=False
+            )
         )
         for result in results:
             step = int(result.get(IMAGES_SEEN, 0))

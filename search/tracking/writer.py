@@ -121,6 +121,8 @@ class StartTrial(Operation):
 
     trial_id: str
     run_name: str
+    # The run's params (callback.run_params): the config and its searched values. Named config
+    # still, since journals written before keep the field under that name.
     config: dict[str, Any]
     reopen: bool = True  # False when rebuilding a run from Tune's records: create it if missing, no more
 
