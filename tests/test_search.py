@@ -110,6 +110,10 @@ def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(
     warm = [trial for trial in optuna_trials(second) if trial.user_attrs.get("warm_start_from") == "first"]
     assert sorted(trial.params["lr"] for trial in warm) == first_lrs[1:]
     assert all(trial.state == TrialState.COMPLETE for trial in warm)
+    # Its own trials are new configs: neither the assignment's point, which the first sweep scored,
+    # nor the first sweep's random start-up points drawn again from the same seed.
+    own = [trial.params["lr"] for trial in optuna_trials(second) if "warm_start_from" not in trial.user_attrs]
+    assert len(own) == 3 and not set(own) & set(first_lrs)
     assert sweep_parent(second).data.params["warm_start_trials"] == "4"
 
     other_split = DataSettings(source=str(images), root=str(tmp_path / "cache"), val_size=60)

@@ -84,6 +84,16 @@ def warm_start_trials(space: SearchSpace, past: list[PastTrial]) -> tuple[list[F
     return trials, skipped
 
 
+def _same_point(params: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether params are the point, up to the rounding of values derived back (nesterov's step)."""
+    if not set(point) <= set(params):
+        return False
+    return all(
+        math.isclose(params[name], value, rel_tol=1e-9) if isinstance(value, float) else params[name] == value
+        for name, value in point.items()
+    )
+
+
 def _within(distribution: BaseDistribution, value: Any) -> bool:
     if isinstance(distribution, CategoricalDistribution):
         return value in distribution.choices
@@ -116,14 +126,18 @@ def make_searcher(
     if journal is not None:
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(journal))
+    # A warm start offsets the seed by the trials it brings: the same seed would draw the random
+    # start-up points of the sweep those trials came from again, and train configs already scored.
+    seed = settings.seed + len(history)
     study = optuna.create_study(
         study_name=settings.sweep_name,
         storage=storage,
-        sampler=make_sampler(settings.sampler, settings.seed, settings.num_samples),
+        sampler=make_sampler(settings.sampler, seed, settings.num_samples),
         direction="maximize" if MODE == "max" else "minimize",
     )
     study.add_trials(history)
-    study.enqueue_trial(space.first_point)  # the assignment's point, whatever the sampler
+    if not any(_same_point(trial.params, space.first_point) for trial in history):
+        study.enqueue_trial(space.first_point)  # the assignment's point, unless a warm start scored it
     return SweepSearcher(
         space, study, cost, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget
     )
