@@ -184,7 +184,8 @@ def print_summary(outcome: SweepOutcome) -> None:
     export = ["python", "-m", "search.export", "--experiment", outcome.experiment]
     export += ["--tracking-uri", outcome.tracking_uri, "--sweep", outcome.sweep, "--out", "best.json"]
     print(f"  browse:  {shlex.join(browse)}")  # quoted: a path with a space pastes whole
-    print(f"  export:  {shlex.join(export)}")
+    if outcome.best_accuracy is not None:  # else export has nothing to write
+        print(f"  export:  {shlex.join(export)}")
 
 
 def resume_command(argv: list[str], sweep: str) -> str:

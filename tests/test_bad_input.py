@@ -64,6 +64,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
             "no sweep named ghost",
         ),
         ([], "the following arguments are required: --space"),
+        (["--space", "sgd", "--name", "../elsewhere"], "--name must be a plain name (no '/', not starting"),
+        (["--space", "sgd", "--name", "a/b"], "--name must be a plain name"),
+        (["--space", "sgd", "--experiment", ""], "--experiment must not be empty"),
         (
             ["--space", "sgd", "--tracking-uri", "sqlite:///no/such/dir/m.db"],
             "cannot create MLflow store sqlite:///no/such/dir/m.db: folder",

@@ -93,6 +93,12 @@ class SweepSettings:
             (self.max_concurrent is None or self.max_concurrent >= 1, "--max-concurrent must be >= 1"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
             (not self.resume or self.name is not None, "--resume needs the --name of the sweep to resume"),
+            (  # the name is a folder in the storage: it must stay one, inside it
+                self.name is None
+                or (bool(self.name) and "/" not in self.name and not self.name.startswith(".")),
+                f"--name must be a plain name (no '/', not starting with '.'), got {self.name!r}",
+            ),
+            (self.experiment is None or self.experiment.strip() != "", "--experiment must not be empty"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
         ]
