@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     search = parser.add_argument_group("the search benchmark (instead of the sections)")
     search.add_argument("--search", action="store_true", help="compare search strategies at equal compute")
-    search.add_argument("--search-seeds", type=_seeds, default=[0, 1, 2], help="e.g. 0,1,2")
+    search.add_argument("--search-seeds", type=_seeds, default="0,1,2", help="comma-separated")
     search.add_argument(
         "--audit-images", type=positive_int, default=AUDIT_IMAGES, help="held out of every sweep"
     )

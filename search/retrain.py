@@ -183,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-train-images", type=positive_int, help="train on fewer images, for a quick look"
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default=default(RetrainSettings, "precision"))
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default(RetrainSettings, "precision"),
+        help="model arithmetic; auto: bf16 where the CPU or GPU has it",
+    )
     recipe = parser.add_argument_group("recipe (each part's default: the recipe's)")
     recipe.add_argument(
         "--recipe", choices=("auto", "long", "assignment"), default="auto",
@@ -200,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument(
         "--crop-padding", type=non_negative_int, help="pixels around the image to crop from; 0: flips only"
     )
-    recipe.add_argument("--label-smoothing", type=non_negative_float)
+    recipe.add_argument(
+        "--label-smoothing",
+        type=non_negative_float,
+        help="move this share of each target's probability onto the other classes, e.g. 0.1",
+    )
     recipe.add_argument(
         "--ema-decay", type=positive_float, help="keep an average of the weights (e.g. 0.999)"
     )

@@ -100,7 +100,8 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         "--tracking-grace",
         dest="tracking_grace_s",
         type=duration,
-        help="at the end, how long writes waiting for MLflow are retried before --resume must make them",
+        help="at the end, how long (seconds, or e.g. 2m) writes waiting for MLflow are retried "
+        "before --resume must make them",
     )
     option("--experiment", help="MLflow experiment (default: cifar10-<space>)")
     option("--storage-path", help="Tune's results and checkpoints: a folder, or a URI pyarrow reads")
