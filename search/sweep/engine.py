@@ -144,8 +144,7 @@ def _sweep(
     gpus_per_trial = settings.gpus_per_trial
     if gpus_per_trial is None:
         gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
-    if settings.address is None:
-        _check_a_trial_fits(settings.cpus_per_trial, gpus_per_trial)
+    trials_at_once = _trials_at_once(settings, gpus_per_trial)  # refuses a trial too big for Ray here
     datasets = (
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
@@ -184,7 +183,6 @@ def _sweep(
         ),
         {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
     )
-    trials_at_once = _trials_at_once(settings, gpus_per_trial)
     cost = TrialCost(splits.input_shape, len(splits.classes), len(splits.train_labels) * settings.epochs)
     # Trial k is proposed, and judged at a rung, only against trials 0 .. k - window: one more than
     # fit at once, so a proposal is ready whenever a slot frees.
@@ -286,29 +284,26 @@ def _storage_failure(error: BaseException) -> str | None:
     return None
 
 
-def _check_a_trial_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
-    """On the local Ray, which has all it will ever have, a trial that asks for more would wait
-    forever: refused. (A cluster's autoscaler may still add the nodes a trial asks for.)"""
+def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
+    """How many trials the cluster runs side by side, as the resources and --max-concurrent allow.
+
+    On the local Ray, which has all it will ever have, a trial that asks for more would wait
+    forever: refused. (A cluster's autoscaler may still add the nodes a trial asks for.)
+    """
     resources = ray.cluster_resources()
+    fits = settings.num_samples if settings.max_concurrent is None else settings.max_concurrent
     for name, asked, flag in (
-        ("CPU", cpus_per_trial, "--cpus-per-trial"),
+        ("CPU", settings.cpus_per_trial, "--cpus-per-trial"),
         ("GPU", gpus_per_trial, "--gpus-per-trial"),
     ):
+        if asked == 0:  # no GPU asked for
+            continue
         has = resources.get(name, 0.0)
-        if asked > has:
+        if asked > has and settings.address is None:
             raise InputError(
                 f"{flag} {asked:g} asks for more than the {has:g} {name}s of Ray here: no trial could start"
             )
-
-
-def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
-    """How many trials the cluster runs side by side, as the resources and --max-concurrent allow."""
-    resources = ray.cluster_resources()
-    fits = int(resources.get("CPU", 1) // settings.cpus_per_trial)
-    if gpus_per_trial > 0:
-        fits = min(fits, int(resources.get("GPU", 0) // gpus_per_trial))
-    if settings.max_concurrent is not None:
-        fits = min(fits, settings.max_concurrent)
+        fits = min(fits, int(has // asked))
     return max(1, min(fits, settings.num_samples))
 
 
