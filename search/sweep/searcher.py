@@ -33,7 +33,6 @@ import math
 import pickle
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -121,11 +120,8 @@ def make_searcher(
     cost: TrialCost,
 ) -> SweepSearcher:
     """The sweep's searcher, its study seeded with the space's first point and earlier sweeps' trials."""
-    journal = settings.optuna_journal
-    storage = None
-    if journal is not None:
-        Path(journal).parent.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(journal))
+    journal = settings.optuna_journal  # in the local storage folder, which run_sweep has made
+    storage = None if journal is None else JournalStorage(JournalFileBackend(journal))
     # A warm start offsets the seed by the trials it brings: the same seed would draw the random
     # start-up points of the sweep those trials came from again, and train configs already scored.
     seed = settings.seed + len(history)
