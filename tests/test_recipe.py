@@ -3,19 +3,42 @@ weight average. Plain PyTorch, no Ray and no MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
+from trainables.augment import WeightAverage, augment
 from trainables.errors import InputError
-from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe, WeightAverage, augment
+from trainables.recipe import (
+    AS_THE_ASSIGNMENT_TRAINED,
+    ASSIGNMENT,
+    LONG,
+    LONG_FROM_ANOTHER_RECIPE,
+    Recipe,
+    recipe_named,
+)
 
 
-def test_the_assignments_recipe_keeps_the_configs_learning_rate_throughout():
-    peak = ASSIGNMENT.peak_lr(0.01, momentum=0.5)
-    assert {ASSIGNMENT.learning_rate(peak, step, 100) for step in range(100)} == {0.01}
-    assert not ASSIGNMENT.augment and ASSIGNMENT.label_smoothing == 0 and ASSIGNMENT.ema_decay is None
+def test_the_assignments_own_recipe_keeps_the_configs_learning_rate_throughout():
+    recipe = AS_THE_ASSIGNMENT_TRAINED
+    peak = recipe.peak_lr(0.01, momentum=0.5)
+    assert {recipe.learning_rate(peak, step, 100) for step in range(100)} == {0.01}
+    assert not recipe.augment and recipe.label_smoothing == 0 and recipe.ema_decay is None
+    assert dataclasses.replace(recipe, schedule="onecycle") == ASSIGNMENT  # a sweep's, by default
+
+
+def test_wsd_warms_up_holds_its_peak_then_decays_linearly_to_zero():
+    recipe = Recipe(schedule="wsd", warmup_fraction=0.1, decay_fraction=0.2)
+    rates = [recipe.learning_rate(0.1, step, 1000) for step in range(1000)]
+    assert all(a < b for a, b in itertools.pairwise(rates[:100]))  # warming up
+    assert set(rates[99:800]) == {0.1}  # stable at the peak until the last fifth
+    assert all(a > b for a, b in itertools.pairwise(rates[800:]))  # then falling, evenly
+    assert rates[800] - rates[801] == pytest.approx(rates[998] - rates[999])
+    assert rates[-1] == pytest.approx(0.1 / 200)  # the last step, close to 0
+    # A point of the stable stretch is scored after a decay as long as a run ending there would take.
+    assert recipe.branch_steps(400) == 100 and recipe.decay_start(1000) == 800
 
 
 def test_one_cycle_warms_up_to_its_peak_then_decays_towards_zero():
@@ -66,8 +89,26 @@ def test_the_weight_average_moves_a_small_way_towards_each_new_state():
 @pytest.mark.parametrize(
     "change",
     [{"schedule": "cosine-ish"}, {"peak_lr_factor": 0.0}, {"max_effective_step": 0.0},
-     {"warmup_fraction": 1.0}, {"label_smoothing": 1.0}, {"ema_decay": 1.0}],
+     {"warmup_fraction": 1.0}, {"label_smoothing": 1.0}, {"ema_decay": 1.0}, {"name": "short"},
+     {"decay_fraction": 0.0}, {"warmup_fraction": 0.5, "decay_fraction": 0.6}],
 )  # fmt: skip
 def test_a_recipe_out_of_range_is_refused_in_words(change):
     with pytest.raises(InputError):
-        Recipe(**{**LONG_RUN.__dict__, **change})
+        Recipe(**{**LONG.__dict__, **change})
+
+
+def test_a_recipe_reads_back_from_its_record_and_from_mlflow_params_which_are_strings():
+    changed = dataclasses.replace(LONG, label_smoothing=0.05, ema_decay=0.999)
+    assert Recipe.from_record(changed.to_record()) == changed
+    assert Recipe.from_params({name: str(value) for name, value in changed.as_params().items()}) == changed
+    # Sweeps from before recipes recorded a schedule only, of the assignment's training.
+    assert Recipe.from_params({"schedule": "onecycle", "epochs": "1"}) == ASSIGNMENT
+    assert Recipe.from_record({}) == AS_THE_ASSIGNMENT_TRAINED
+
+
+def test_the_long_recipe_peaks_at_the_searched_rate_unless_the_rate_was_searched_under_another():
+    assert recipe_named("long", LONG) == LONG and LONG.peak_lr(0.02, momentum=0.9) == 0.02
+    bridged = recipe_named("long", ASSIGNMENT)  # a one-epoch sweep's pick: the long run as calibrated
+    assert bridged == dataclasses.replace(LONG, **LONG_FROM_ANOTHER_RECIPE)
+    assert bridged.peak_lr(0.005, momentum=0.75) == pytest.approx(0.02)
+    assert recipe_named("assignment", LONG) == ASSIGNMENT

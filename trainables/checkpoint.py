@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from trainables.config import TrialConfig
 from trainables.errors import InputError, first_line
-from trainables.model import ConvNet, Optimizer, build_model
+from trainables.model import ConvNet, Optimizer, as_module, build_model
 from trainables.names import CHECKPOINT_FILE, SPEC_FILE
 
 
@@ -70,14 +71,21 @@ def save_checkpoint(
     optimizer: Optimizer,
     epoch: int,
     seconds_trained: float = 0.0,
+    images_trained: int = 0,
+    scored_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """`scored_state`: the weights whose validation the checkpoint's report gave, where they are not
+    the run's own (a wsd run scored after a decay branch); the run's own go on from `model`."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": int(epoch),
         "seconds_trained": float(seconds_trained),
+        "images_trained": int(images_trained),
     }
+    if scored_state is not None:
+        state["scored_model"] = scored_state
     torch.save(state, directory / CHECKPOINT_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
 
@@ -89,6 +97,8 @@ class LoadedCheckpoint:
     optimizer_state: dict[str, Any]
     epoch: int
     seconds_trained: float  # training and validation up to this checkpoint, across resumes
+    images_trained: int  # every image trained on up to it, scoring decays too (0: not recorded)
+    scored_state: dict[str, torch.Tensor]  # the weights that scored its report: the model's, or a decay's
 
 
 def load_checkpoint(directory: Path) -> LoadedCheckpoint:
@@ -108,11 +118,30 @@ def load_checkpoint(directory: Path) -> LoadedCheckpoint:
         raise InputError(f"{path} is not a checkpoint of this project")
     # Checkpoints written before the training time was kept in them have none: 0 seconds.
     epoch, seconds_trained = state["epoch"], state.get("seconds_trained", 0.0)
-    numbers = (epoch, seconds_trained)
+    images_trained = state.get("images_trained", 0)
+    numbers = (epoch, seconds_trained, images_trained)
     if not all(isinstance(number, (int, float)) for number in numbers) or not float(epoch).is_integer():
         raise InputError(f"{path} is not a checkpoint of this project")
+    scored = state.get("scored_model", state["model"])
     check_shapes(state["model"], spec)
-    return LoadedCheckpoint(spec, state["model"], state["optimizer"], int(epoch), float(seconds_trained))
+    check_shapes(scored, spec)
+    return LoadedCheckpoint(
+        spec,
+        state["model"],
+        state["optimizer"],
+        int(epoch),
+        float(seconds_trained),
+        int(images_trained),
+        scored,
+    )
+
+
+def scored_module(checkpoint: LoadedCheckpoint) -> nn.Module:
+    """The model that scored the checkpoint's report, as an fp32 nn.Module on the CPU, for MLflow."""
+    spec = checkpoint.spec
+    model = spec.build()
+    model.load_state_dict(checkpoint.scored_state)
+    return as_module(model, spec.config, spec.input_shape, spec.num_classes).cpu().float().eval()
 
 
 def check_shapes(model_state: dict[str, torch.Tensor], spec: ModelSpec) -> None:

@@ -17,8 +17,6 @@ from trainables.errors import InputError
 MODEL_STYLES = ("barebones", "module", "sequential")
 # Arithmetic of a trial's model: auto is bf16 where the hardware computes in bf16 natively.
 PRECISIONS = ("auto", "fp32", "bf16")
-SCHEDULES = ("constant", "onecycle")  # the learning rate over a run (trainables.recipe.Recipe)
-UNRECORDED_SCHEDULE = "constant"  # what a sweep recorded before --schedule existed trained at
 OPTIMIZERS = ("sgd", "nesterov")
 
 
@@ -110,3 +108,16 @@ class DataSettings:
             raise InputError(f"the validation set cannot have {self.val_size} images")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise InputError(f"the training set needs at least 1 image, got {self.max_train_images}")
+
+
+# In a Tune trial's config beside the TrialConfig's keys: marks a sweep's final trial, which trains
+# the best config of the search to the end (search.sweep.searcher); its value is the Tune trial id
+# of the trial whose config it is.
+FINAL_OF = "final_of"
+
+
+def trial_config(values: Mapping[str, Any]) -> tuple[TrialConfig, str | None]:
+    """A Tune trial's config: the TrialConfig, and for a final trial the trial it trains on."""
+    values = dict(values)
+    final_of = values.pop(FINAL_OF, None)
+    return TrialConfig.from_dict(values), None if final_of is None else str(final_of)

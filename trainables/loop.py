@@ -12,24 +12,27 @@ does bf16 natively, with fp32 master weights, optimizer and loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import dataclasses
 import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from trainables.augment import WeightAverage, augment
 from trainables.checkpoint import LoadedCheckpoint, ModelSpec, save_checkpoint
 from trainables.config import PRECISIONS
 from trainables.data import ImageSplits
 from trainables.errors import InputError
 from trainables.model import build_optimizer, set_learning_rate
-from trainables.recipe import ASSIGNMENT, Recipe, WeightAverage, augment
+from trainables.recipe import AS_THE_ASSIGNMENT_TRAINED, Recipe, decayed
 
 # Checking the loss costs a host sync; every few steps is soon enough to stop a diverged run.
 DIVERGENCE_CHECK_STEPS = 25
@@ -99,6 +102,9 @@ class Report:
     epoch: float  # the same in epochs: whole at an epoch's end
     train: EpochResult  # over the images since the last report
     val: EpochResult | None  # None without validation images, or when training diverged
+    # The weights that scored `val`, where they are not the run's own: a wsd run scored at a point
+    # of its stable stretch is scored after a decay that branched off there (Training.reports).
+    scored_state: dict[str, Tensor] | None = None
 
     @property
     def diverged(self) -> bool:
@@ -152,7 +158,7 @@ class Training:
         seed: int,
         device: torch.device,
         precision: str = "auto",
-        recipe: Recipe = ASSIGNMENT,
+        recipe: Recipe = AS_THE_ASSIGNMENT_TRAINED,
         epochs: int = 1,  # all the training ahead, for a recipe's learning-rate schedule
     ) -> None:
         self.spec, self.seed, self.device, self.recipe = spec, seed, device, recipe
@@ -169,6 +175,7 @@ class Training:
         self.val_labels = splits.val_labels.to(device)
         self.epoch_images = len(self.train_labels)
         self.images_seen = 0  # in all, across epochs
+        self.images_trained = 0  # every image a step trained on, a scoring decay's too: the cost
         self.steps_taken = 0  # in all: where the recipe's learning-rate schedule stands
         self.seconds_trained = 0.0  # training and validation in all, a resumed run's before it too
         self.epoch_steps = math.ceil(self.epoch_images / self.batch_size)
@@ -177,6 +184,7 @@ class Training:
         self.peak_lr = recipe.peak_lr(spec.config.lr, spec.config.momentum)
         self._order: tuple[int, Tensor] | None = None  # an epoch and its batch order, made once
         self._augmentation = torch.Generator()  # the crops and flips, seeded with each epoch's order
+        self._branch: tuple[int, int, float] | None = None  # a scoring decay: first step, steps, start rate
         # Running sums of a stretch of training, kept on the device: read once, at its end.
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -188,30 +196,90 @@ class Training:
         self.images_seen = checkpoint.epoch * self.epoch_images
         self.steps_taken = checkpoint.epoch * self.epoch_steps
         self.seconds_trained = checkpoint.seconds_trained
+        self.images_trained = checkpoint.images_trained or self.images_seen
         return checkpoint.epoch + 1
 
-    def save(self, directory: Path, epoch: int) -> None:
-        save_checkpoint(directory, self.spec, self.model, self.optimizer, epoch, self.seconds_trained)
+    def save(self, directory: Path, epoch: int, scored_state: dict[str, Tensor] | None = None) -> None:
+        save_checkpoint(
+            directory,
+            self.spec,
+            self.model,
+            self.optimizer,
+            epoch,
+            self.seconds_trained,
+            self.images_trained,
+            scored_state,
+        )
 
     def epochs(self, first: int, last: int) -> Iterator[Report]:
         """Trains and validates epochs first..last; a diverged epoch is the last one reported."""
         self.images_seen = (first - 1) * self.epoch_images
         return self.reports([epoch * self.epoch_images for epoch in range(first, last + 1)])
 
-    def reports(self, points: Sequence[int]) -> Iterator[Report]:
+    def reports(self, points: Sequence[int], scored: Collection[int] = ()) -> Iterator[Report]:
         """Trains on to each point (images seen in all, rounded up to a whole batch), validating at
         each; a point is reached within one epoch at most, so each epoch's end is also a point. A
-        diverged stretch is the last one reported."""
+        diverged stretch is the last one reported.
+
+        Under a wsd recipe, a point in `scored` that falls in the stable stretch is scored as the
+        end of a run of its own: a decay to 0 branches off there, as long as the final decay of a run
+        whose stable stretch ended at that point, and is validated; the run then goes on from
+        before the decay, so the branch changes nothing that follows. Every run is thus compared
+        at such a point annealed, as the finished model it would be, not mid-stride at its peak.
+        """
         for point in sorted(points):
             if point <= self.images_seen:
                 continue
             train = self.train_to(point)
-            val = self.evaluate() if len(self.val_labels) and not train.diverged else None
-            report = Report(self.images_seen, self.images_seen / self.epoch_images, train, val)
+            val, scored_state = None, None
+            if len(self.val_labels) and not train.diverged:
+                if point in scored and self._in_stable_stretch():
+                    val, scored_state = self._score_annealed()
+                else:
+                    val = self.evaluate()
+            report = Report(self.images_seen, self.images_seen / self.epoch_images, train, val, scored_state)
             self.seconds_trained += report.seconds
             yield report
             if train.diverged:
                 return
+
+    def _in_stable_stretch(self) -> bool:
+        return self.recipe.schedule == "wsd" and self.steps_taken < self.recipe.decay_start(self.total_steps)
+
+    def _score_annealed(self) -> tuple[EpochResult, dict[str, Tensor]]:
+        """The validation of the run decayed from here, and the decayed weights; the run's own state,
+        batch order and augmentation are as they were before the decay."""
+        started = time.perf_counter()
+        kept = (
+            {name: value.clone() for name, value in self.model.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+            None if self.average is None else {k: v.clone() for k, v in self.average.average.items()},
+            self.images_seen,
+            self.steps_taken,
+            self._order,
+            self._augmentation.get_state(),
+        )
+        steps = self.recipe.branch_steps(self.steps_taken)
+        rate = self.recipe.learning_rate(self.peak_lr, self.steps_taken, self.total_steps)
+        self._branch = (self.steps_taken, steps, rate)
+        try:
+            while self.steps_taken < kept[4] + steps:
+                epoch_end = (self.images_seen // self.epoch_images + 1) * self.epoch_images
+                wanted = self.images_seen + (kept[4] + steps - self.steps_taken) * self.batch_size
+                if self.train_to(min(wanted, epoch_end)).diverged:
+                    break
+            val = self.evaluate()
+            decayed_state = {name: value.clone() for name, value in self.model.state_dict().items()}
+        finally:
+            self._branch = None
+            model, optimizer, average, self.images_seen, self.steps_taken, self._order, generator = kept
+            self.model.load_state_dict(model)
+            self.optimizer.load_state_dict(optimizer)
+            if average is not None and self.average is not None:
+                self.average.average = average
+            self._augmentation.set_state(generator)
+        elapsed = time.perf_counter() - started
+        return dataclasses.replace(val, seconds=elapsed), decayed_state
 
     def train_epoch(self, epoch: int) -> EpochResult:
         """One whole epoch, whatever was trained before."""
@@ -244,6 +312,7 @@ class Training:
             if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.loss_sum):
                 break
         self.images_seen += seen
+        self.images_trained += seen
         return _result(self.loss_sum, self.correct, seen, started)
 
     def _epoch_order(self, epoch: int) -> Tensor:
@@ -259,7 +328,10 @@ class Training:
     def step(self, batch: Tensor) -> None:
         """One SGD step on the training images the index tensor picks, as the recipe says."""
         recipe = self.recipe
-        if recipe.schedule != "constant":
+        if self._branch is not None:
+            first, steps, rate = self._branch
+            set_learning_rate(self.optimizer, decayed(rate, self.steps_taken - first, steps))
+        elif recipe.schedule != "constant":
             set_learning_rate(
                 self.optimizer, recipe.learning_rate(self.peak_lr, self.steps_taken, self.total_steps)
             )
@@ -292,12 +364,6 @@ class Training:
             images, labels = place_images(images, self.device), labels.to(self.device)
         with self._averaged_weights():
             return self._evaluate(images, labels)
-
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> Tensor:
-        """The model's scores for the given (CPU, uint8) images, on the CPU."""
-        with self._averaged_weights():
-            return torch.cat([scores.cpu() for scores in self._scores(place_images(images, self.device))])
 
     def _scores(self, images: Tensor) -> Iterator[Tensor]:
         """The model's fp32 scores for images on the device, a batch at a time."""
@@ -332,6 +398,17 @@ class Training:
     def autocast(self) -> torch.autocast:
         """bf16 compute for the model's layers; master weights and optimizer stay fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+@torch.no_grad()
+def predict(module: nn.Module, spec: ModelSpec, images: Tensor) -> Tensor:
+    """The scores of a model as it is logged (an fp32 nn.Module on the CPU) for (CPU, uint8) images,
+    a batch at a time: what a user who loads it from MLflow gets."""
+    normalize = Normalizer(spec.mean, spec.std, torch.device("cpu"))
+    module.eval()
+    return torch.cat(
+        [module(normalize(images[start : start + EVAL_BATCH])) for start in range(0, len(images), EVAL_BATCH)]
+    )
 
 
 def _result(loss_sum: Tensor, correct: Tensor, seen: int, started: float) -> EpochResult:

@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from trainables.checkpoint import ModelSpec, load_checkpoint
-from trainables.config import TrialConfig
+from trainables.config import trial_config
 from trainables.data import ImageSplits
 from trainables.loop import Report, Training
 from trainables.model import learning_rate, training_flops_per_image
@@ -38,7 +38,7 @@ from trainables.names import (
     TRIAL_SECONDS,
     VAL_LOSS,
 )
-from trainables.recipe import sweep_recipe
+from trainables.recipe import Recipe
 
 WORST_ACCURACY = 0.0  # what a diverged trial reports, finite so ASHA and Optuna can rank it
 
@@ -49,17 +49,20 @@ class TrialSettings:
 
     max_epochs: int
     seed: int  # initial weights and batch order, the same for every trial of a sweep
-    schedule: str  # one of trainables.config.SCHEDULES, over all of max_epochs: the sweep's, no default here
+    recipe: Recipe  # over all of max_epochs: the sweep's, no default here
     precision: str = "auto"  # one of trainables.config.PRECISIONS
     # Where a trial reports besides each epoch's end, as fractions of all its training: the
     # scheduler's rungs, so it can stop a weak trial after a ninth of an epoch, say.
     rungs: tuple[float, ...] = ()
 
-    def report_points(self, epoch_images: int) -> list[int]:
-        """Images seen at each report: every rung, every epoch's end."""
-        total = self.max_epochs * epoch_images
-        points = {round(fraction * total) for fraction in self.rungs}
-        return sorted(points | {epoch * epoch_images for epoch in range(1, self.max_epochs + 1)})
+    def rung_points(self, epoch_images: int) -> list[int]:
+        """Images seen at each rung: where a trial is scored to be compared with the others."""
+        return sorted({round(fraction * self.max_epochs * epoch_images) for fraction in self.rungs})
+
+    def report_points(self, epoch_images: int, at_rungs: bool = True) -> list[int]:
+        """Images seen at each report: every epoch's end, and every rung unless told not to."""
+        ends = {epoch * epoch_images for epoch in range(1, self.max_epochs + 1)}
+        return sorted(ends | set(self.rung_points(epoch_images) if at_rungs else ()))
 
 
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
@@ -70,16 +73,15 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
         logging.getLogger(logger).setLevel(logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _use_assigned_cpus()
-    spec = ModelSpec(
-        TrialConfig.from_dict(config), splits.input_shape, splits.classes, splits.mean, splits.std
-    )
+    trial, final_of = trial_config(config)
+    spec = ModelSpec(trial, splits.input_shape, splits.classes, splits.mean, splits.std)
     training = Training(
         spec,
         splits,
         settings.seed,
         device,
         settings.precision,
-        recipe=sweep_recipe(settings.schedule),
+        recipe=settings.recipe,
         epochs=settings.max_epochs,
     )
     flops = training_flops_per_image(spec.config, spec.input_shape, spec.num_classes)
@@ -92,8 +94,13 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
         with checkpoint.as_directory() as directory:
             training.load(load_checkpoint(Path(directory)))
 
-    for report in training.reports(settings.report_points(training.epoch_images)):
-        cost = {TRAIN_TFLOP: flops * report.images_seen / 1e12, TRIAL_SECONDS: training.seconds_trained}
+    # A final trial trains the search's best to the end: no rung decides it, so it reports at epoch
+    # ends only, and no decay branches off to score it.
+    at_rungs = final_of is None
+    points = settings.report_points(training.epoch_images, at_rungs)
+    rungs = settings.rung_points(training.epoch_images) if at_rungs else []
+    for report in training.reports(points, scored=rungs):
+        cost = {TRAIN_TFLOP: flops * training.images_trained / 1e12, TRIAL_SECONDS: training.seconds_trained}
         results = {**_metrics(report), **cost, LEARNING_RATE: learning_rate(training.optimizer), **about}
         if report.diverged:
             tune.report({**results, METRIC: WORST_ACCURACY, DIVERGED: 1.0})
@@ -102,7 +109,7 @@ def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSe
             tune.report(results)
             continue
         with tempfile.TemporaryDirectory() as directory:
-            training.save(Path(directory), int(report.epoch))
+            training.save(Path(directory), int(report.epoch), report.scored_state)
             tune.report(results, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
