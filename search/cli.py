@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from search.tracking.uri import is_mlflow_error
 from trainables.config import DataSettings
 from trainables.errors import InputError, first_line
+from trainables.recipe import PARTS, RECIPE_NAMES, SCHEDULES, Recipe
 
 EXIT_OK = 0
 EXIT_SOME_TRIALS_FAILED = 1
@@ -77,26 +79,25 @@ def compute_budget(text: str) -> float:
     """TFLOP, from 60 or 2.5e2; none for no budget (inf)."""
     if text.lower() == "none":
         return math.inf
-    try:
-        tflop = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of TFLOP, or none") from None
-    if not math.isfinite(tflop) or tflop <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 TFLOP, or none")
-    return tflop
+    return _more_than_zero(text, text, "a number of TFLOP, or none", " TFLOP, or none")
 
 
 def duration(text: str) -> float:
     """Seconds, from 90, 90s, 10m or 1.5h."""
     units = {"s": 1, "m": 60, "h": 3600}
     number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    return _more_than_zero(number, text, "a duration such as 90s, 10m or 1.5h") * unit
+
+
+def _more_than_zero(number: str, text: str, what: str, unit: str = "") -> float:
+    """The number in `text`, finite and more than 0, or an error in the words of what was asked for."""
     try:
-        seconds = float(number) * unit
+        value = float(number)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 10m or 1.5h") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return seconds
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0{unit}")
+    return value
 
 
 def output_file(text: str) -> Path:
@@ -133,6 +134,41 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-train-images", type=positive_int, help="train on fewer images, for quick runs")
 
 
+def add_recipe_options(parser: argparse.ArgumentParser, recipe_help: str) -> None:
+    """How each trial (search.run) or the final model (search.retrain) trains: a named recipe, and
+    each of its parts, as both commands share them."""
+    group = parser.add_argument_group("recipe (each part's default: the recipe's)")
+    group.add_argument("--recipe", choices=RECIPE_NAMES, help=recipe_help)
+    group.add_argument("--schedule", choices=SCHEDULES, help="the learning rate over the run")
+    group.add_argument(
+        "--peak-lr-factor", type=positive_float, help="the peak, as a multiple of the config's lr"
+    )
+    group.add_argument(
+        "--max-effective-step", type=positive_float, help="the most the peak may be as lr / (1 - momentum)"
+    )
+    group.add_argument(
+        "--warmup-fraction", type=non_negative_float, help="of the run, warming up to the peak"
+    )
+    group.add_argument("--decay-fraction", type=positive_float, help="of the run, wsd's final decay to 0")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crops and flips")
+    group.add_argument(
+        "--crop-padding", type=non_negative_int, help="pixels around the image to crop from; 0: flips only"
+    )
+    group.add_argument(
+        "--label-smoothing",
+        type=non_negative_float,
+        help="move this share of each target's probability onto the other classes, e.g. 0.1",
+    )
+    group.add_argument("--ema-decay", type=positive_float, help="keep an average of the weights (e.g. 0.999)")
+
+
+def recipe_from(args: argparse.Namespace, base: Recipe) -> Recipe:
+    """The base recipe with the parts given on the command line changed."""
+    return dataclasses.replace(
+        base, **{part: getattr(args, part) for part in PARTS if getattr(args, part) is not None}
+    )
+
+
 def data_settings(args: argparse.Namespace, seed: int) -> DataSettings:
     return DataSettings(
         source=args.data,
@@ -151,10 +187,7 @@ def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
         sys.stderr.write(f"{prog}: error: {error}\n")
         code = EXIT_BAD_INPUT
     except Exception as error:
-        # MLflow is imported here, not at the top: bad options should not wait for it to load.
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(error, MlflowException):
+        if not is_mlflow_error(error):
             raise
         sys.stderr.write(f"{prog}: error: MLflow: {first_line(error)}\n")
         code = EXIT_TRACKING_FAILED

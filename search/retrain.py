@@ -20,27 +20,27 @@ import torch
 from search.cli import (
     EXIT_OK,
     OneLineParser,
+    add_recipe_options,
     default,
-    non_negative_float,
     non_negative_int,
     output_file,
-    positive_float,
     positive_int,
+    recipe_from,
     run_command,
 )
-from search.sweep.settings import check_tracking_uri
 from search.tracking.best import BestTrial, read_best
-from search.tracking.retrain_run import RetrainRun, TestResult
+from search.tracking.models import TestResult
+from search.tracking.retrain_run import RetrainRun
 from search.tracking.store import ImageDataset
+from search.tracking.uri import check_tracking_uri
 from trainables.checkpoint import ModelSpec
-from trainables.config import PRECISIONS, SCHEDULES, DataSettings
+from trainables.config import PRECISIONS, DataSettings
 from trainables.data import load_images, load_splits
 from trainables.errors import InputError
-from trainables.loop import Report, Training
+from trainables.loop import Report, Training, predict
 from trainables.model import as_module, learning_rate
 from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_LOSS
-from trainables.recipe import ASSIGNMENT, LONG_RUN, Recipe, sweep_recipe
-from trainables.stats import wilson_interval
+from trainables.recipe import PARTS, Recipe, recipe_named
 
 PROG = "search.retrain"
 
@@ -75,6 +75,7 @@ def retrain(
             f"note: these images ({these}) are not the sweep's ({sweeps}); the model is built for them",
             file=sys.stderr,
         )
+    print(what_it_adds(best, settings, len(splits.train_labels)), file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelSpec(best.spec.config, splits.input_shape, splits.classes, splits.mean, splits.std)
     training = Training(spec, splits, best.seed, device, settings.precision, settings.recipe, settings.epochs)
@@ -104,19 +105,23 @@ def retrain(
             run.log_metrics(metrics, step=epoch)
             _progress(epoch, settings.epochs, report, time.perf_counter() - started)
         training.model.load_state_dict(training.final_state())
-        tested = TestResult(training.predict(test.images), test.labels, test.classes)
-        low, high = wilson_interval(tested.accuracy, len(test))
-        run.log_test(tested, low, high, step=settings.epochs)
         module = (
             as_module(training.model, spec.config, spec.input_shape, spec.num_classes).cpu().float().eval()
         )
+        # Scored as it is logged, in fp32 on the CPU, so the model a user loads gives the same figure.
+        tested = TestResult(predict(module, spec, test.images), test.labels, test.classes)
+        run.log_test(tested, step=settings.epochs)
         example = training.normalize(test.images[:2].to(device)).cpu().float()
         model_uri = run.log_model(module, spec, example, settings.register)
     return {
         TEST_ACC: tested.accuracy,
-        f"{TEST_ACC}_interval_95": [low, high],
+        f"{TEST_ACC}_interval_95": [
+            tested.metrics()[f"{TEST_ACC}_low"],
+            tested.metrics()[f"{TEST_ACC}_high"],
+        ],
         TEST_LOSS: tested.loss,
         "epochs": settings.epochs,
+        "train_images": len(splits.train_labels),
         "run_id": run.run_id,
         "model_uri": model_uri,
         "registered_model": settings.register,
@@ -125,8 +130,7 @@ def retrain(
 
 
 def _recipe_params(settings: RetrainSettings, precision: str) -> dict[str, Any]:
-    recipe = {f"recipe_{key}": value for key, value in dataclasses.asdict(settings.recipe).items()}
-    return {**recipe, "holdout": settings.holdout, "precision": precision}
+    return {**settings.recipe.as_params(), "holdout": settings.holdout, "precision": precision}
 
 
 def _diverged(best: BestTrial, settings: RetrainSettings, epoch: int) -> str:
@@ -134,7 +138,7 @@ def _diverged(best: BestTrial, settings: RetrainSettings, epoch: int) -> str:
     return (
         f"training diverged in epoch {epoch} (the loss is no longer finite) at a peak learning rate of "
         f"{peak:.3g}: lower it with --peak-lr-factor (now {settings.recipe.peak_lr_factor:g}), "
-        "or train as the sweep did with --recipe assignment"
+        f"or train as the sweep's trials did, with their recipe ({best.recipe.name}: drop --recipe)"
     )
 
 
@@ -145,30 +149,28 @@ def _progress(epoch: int, epochs: int, report: Report, elapsed_s: float) -> None
     print(f"epoch {epoch}/{epochs}: {trained}{watched} | {elapsed_s:.0f}s, ETA {eta:.0f}s", flush=True)
 
 
-def recipe_from(args: argparse.Namespace, sweep_schedule: str) -> Recipe:
-    """The recipe the options pick: the long-run one when training more than one epoch, the sweep's
-    own (its schedule over the one epoch) for one, the assignment's for --recipe assignment; each
-    part switchable."""
-    if args.recipe == "assignment":
-        base = ASSIGNMENT
-    elif args.recipe == "auto" and args.epochs == 1:
-        base = sweep_recipe(sweep_schedule)  # one epoch, as the sweep trained its trials
-    else:
-        base = LONG_RUN
-    changes = {
-        name: getattr(args, name)
-        for name in (
-            "schedule",
-            "peak_lr_factor",
-            "max_effective_step",
-            "augment",
-            "crop_padding",
-            "label_smoothing",
-            "ema_decay",
-        )
-        if getattr(args, name) is not None
-    }
-    return dataclasses.replace(base, **changes)
+def chosen_recipe(args: argparse.Namespace, best: BestTrial) -> Recipe:
+    """The trials' own recipe unless --recipe names another (the long one then peaks by the rule
+    for a config searched under another recipe); each part switchable."""
+    base = best.recipe if args.recipe is None else recipe_named(args.recipe, best.recipe)
+    return recipe_from(args, base)
+
+
+def what_it_adds(best: BestTrial, settings: RetrainSettings, train_images: int) -> str:
+    """In words, how this retrain differs from the sweep's best trial, which is a model already."""
+    changes = [f"{train_images} training images (the sweep's validation images among them)"]
+    if settings.epochs != best.epochs:
+        changes.append(f"{settings.epochs} epochs instead of the trials' {best.epochs}")
+    if settings.recipe != best.recipe:
+        differ = [
+            f"{part} {getattr(settings.recipe, part)!r} (trials: {getattr(best.recipe, part)!r})"
+            for part in ("name", *PARTS)
+            if getattr(settings.recipe, part) != getattr(best.recipe, part)
+        ]
+        changes.append("recipe " + ", ".join(differ))
+    same = settings.epochs == best.epochs and settings.recipe == best.recipe
+    final = "; the best trial itself trained so: `search.export --register` registers it with no retrain"
+    return f"note: retraining from scratch on {'; '.join(changes)}{final if same else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,29 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         default=default(RetrainSettings, "precision"),
         help="model arithmetic; auto: bf16 where the CPU or GPU has it",
     )
-    recipe = parser.add_argument_group("recipe (each part's default: the recipe's)")
-    recipe.add_argument(
-        "--recipe", choices=("auto", "long", "assignment"), default="auto",
-        help="auto: long for more than one epoch, the sweep's for one; assignment: a constant rate only",
-    )  # fmt: skip
-    recipe.add_argument("--schedule", choices=SCHEDULES, help="the learning rate over time")
-    recipe.add_argument(
-        "--peak-lr-factor", type=positive_float, help="the peak, as a multiple of the config's lr"
-    )
-    recipe.add_argument(
-        "--max-effective-step", type=positive_float, help="the most the peak may be as lr / (1 - momentum)"
-    )
-    recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crops and flips")
-    recipe.add_argument(
-        "--crop-padding", type=non_negative_int, help="pixels around the image to crop from; 0: flips only"
-    )
-    recipe.add_argument(
-        "--label-smoothing",
-        type=non_negative_float,
-        help="move this share of each target's probability onto the other classes, e.g. 0.1",
-    )
-    recipe.add_argument(
-        "--ema-decay", type=positive_float, help="keep an average of the weights (e.g. 0.999)"
+    add_recipe_options(
+        parser,
+        "train with this named recipe instead of the trials' own (recorded in best.json); long, for a "
+        "config searched under another recipe, peaks at 4x its lr, at most an effective step of 0.12",
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     parser.add_argument("--register", help="also register the model under this name")
@@ -225,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args.epochs = args.epochs or best.epochs
     settings = RetrainSettings(
         args.epochs,
-        recipe_from(args, best.schedule),
+        chosen_recipe(args, best),
         args.holdout,
         args.max_train_images,
         args.precision,

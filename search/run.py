@@ -19,6 +19,7 @@ from search.cli import (
     EXIT_TRACKING_FAILED,
     OneLineParser,
     add_data_options,
+    add_recipe_options,
     at_least_two,
     compute_budget,
     data_settings,
@@ -28,19 +29,22 @@ from search.cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    recipe_from,
     run_command,
 )
 from search.sweep.settings import (
     COMPUTE_BUDGET_TFLOP_PER_EPOCH,
     SAMPLERS,
     SCHEDULERS,
+    TOP_RUNGS,
     SweepSettings,
     check_ray_address,
-    check_reachable,
 )
+from search.tracking.uri import check_reachable
 from spaces import space_names
-from trainables.config import PRECISIONS, SCHEDULES
+from trainables.config import PRECISIONS
 from trainables.errors import first_line
+from trainables.recipe import RECIPES
 from trainables.stats import wilson_interval
 
 if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLflow
@@ -59,15 +63,19 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     option("--num-samples", type=positive_int, help="trials")
     option("--scheduler", choices=SCHEDULERS, help="asha stops weak trials early; fifo runs each to the end")
     option(
-        "--rungs", type=positive_int, help="ASHA's, the last at all the training (3: a ninth, a third, all)"
+        "--rungs",
+        type=positive_int,
+        help="ASHA's, the last at all the training, each --reduction-factor times the one below "
+        "(default: enough to put the lowest at a ninth of the first epoch; 3 for one epoch)",
     )
     option("--reduction-factor", type=at_least_two, help="of the trials at a rung, 1 in this many goes on")
-    option("--sampler", choices=SAMPLERS, help="gp (Gaussian process), tpe (multivariate) or random")
     option(
-        "--schedule",
-        choices=SCHEDULES,
-        help="each trial's learning rate: onecycle rises to the config's and anneals to 0 by --epochs",
+        "--top-rung",
+        choices=TOP_RUNGS,
+        help="asha promotes to the last rung as to any; best trains only the search's best to it, with "
+        "every CPU, once the search ends: a sweep at a final model's budget",
     )
+    option("--sampler", choices=SAMPLERS, help="gp (Gaussian process), tpe (multivariate) or random")
     option("--time-budget", dest="time_budget_s", type=duration, help="e.g. 10m: then no new trial starts")
     option(
         "--compute-budget",
@@ -85,6 +93,12 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     option("--seed", type=non_negative_int, help="sampler, split, initial weights and batch order")
     option("--precision", choices=PRECISIONS, help="model arithmetic; auto: bf16 where the CPU or GPU has it")
     option("--max-failures", type=non_negative_int, help="retries of a crashed trial")
+    add_recipe_options(
+        parser,
+        "how every trial trains over --epochs, and the best's retrain: assignment (no augmentation, one "
+        "cycle to the config's lr) or long (crops, flips, label smoothing, wsd to a searched peak) "
+        f"(default: {default(SweepSettings, 'recipe').name})",
+    )
     resources = parser.add_argument_group("resources")
     option = _options_of(resources)
     option(
@@ -119,8 +133,9 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
         scheduler=args.scheduler,
         rungs=args.rungs,
         reduction_factor=args.reduction_factor,
+        top_rung=args.top_rung,
         sampler=args.sampler,
-        schedule=args.schedule,
+        recipe=recipe_from(args, RECIPES[args.recipe or default(SweepSettings, "recipe").name]),
         warm_start=args.warm_start,
         time_budget_s=args.time_budget_s,
         compute_budget_tflop=args.compute_budget_tflop,
@@ -166,6 +181,10 @@ def print_summary(outcome: SweepOutcome) -> None:
         skipped = outcome.warm_start_skipped
         outside = f" ({skipped} skipped: outside the space's ranges)" if skipped else ""
         print(f"Warm start: from {outcome.warm_start} finished trials of earlier sweeps{outside}")
+    if outcome.final_trial is not None:
+        print(f"Final trial: {outcome.final_trial}, the search's best trained to the end")
+    elif outcome.no_final_reason:
+        print(f"No final trial: {outcome.no_final_reason}")
     for run_name, error in outcome.failures.items():
         print(f"  failed: {run_name}: {error}")
     if outcome.best_accuracy is None:

@@ -102,6 +102,10 @@ def sweep_args(settings: Any) -> list[str]:
         settings.scheduler,
         "--seed",
         str(settings.seed),
+        "--recipe",
+        settings.recipe.name,  # the named recipe, as it is: its parts unchanged
+        "--top-rung",
+        settings.top_rung,
     ]
     args += ["--tracking-uri", settings.tracking_uri, "--storage-path", settings.storage_path]
     if settings.experiment is not None:
@@ -147,7 +151,7 @@ def assert_ended_trials_keep_their_best_and_latest_checkpoints_only(settings: An
     """Each trial folder of a finished sweep holds at most two checkpoints: the one of its best
     epoch (what MLflow uploads) and its latest (what a resume would restore), both named in the
     trial's own results (Tune's result.json)."""
-    from search.sweep.storage import trial_results
+    from search.storage import trial_results
 
     folders = list(Path(settings.sweep_location).glob("*/result.json"))
     assert folders

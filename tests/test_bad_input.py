@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -197,7 +198,7 @@ def without(values: dict, *path: str) -> dict:
     [
         ("{not json", "is not valid JSON"),
         (json.dumps(VALID_BEST)[:200], "is not valid JSON"),
-        (json.dumps({**VALID_BEST, "schema_version": 2}), "schema_version 2 is not supported"),
+        (json.dumps({**VALID_BEST, "schema_version": 3}), "schema_version 3 is not supported"),
         (json.dumps(without(VALID_BEST, "optimizer", "lr")), "missing key 'lr'"),
         (json.dumps(without(VALID_BEST, "training")), "missing key 'training'"),
         (json.dumps({**VALID_BEST, "optimizer": {**VALID_BEST["optimizer"], "lr": -1}}), "lr must be > 0"),
@@ -239,15 +240,33 @@ def test_search_export_refuses_an_unknown_experiment_naming_the_known_ones(tmp_p
 
 
 def test_a_sweep_recorded_before_schedules_resumes_only_at_the_constant_rate_it_trained_at(tmp_path):
-    from search.sweep.settings import SweepSettings
+    from search.sweep.settings import SweepSettings, recipe_flags
     from trainables.errors import InputError
+    from trainables.recipe import AS_THE_ASSIGNMENT_TRAINED
 
     old = SweepSettings(space="nesterov", storage_path=str(tmp_path), name="old", resume=True)
-    before_schedules = {flag: value for flag, value in old.identity().items() if flag != "--schedule"}
+    newer = {*recipe_flags(old.recipe), "--top-rung"}  # what sweeps recorded since
+    before_schedules = {flag: value for flag, value in old.identity().items() if flag not in newer}
     old.identity_file.write_text_atomically(json.dumps(before_schedules))
     with pytest.raises(InputError, match="its --schedule was 'constant', now 'onecycle'"):
         old.check_resumes_the_same_sweep()
-    SweepSettings(**{**vars(old), "schedule": "constant"}).check_resumes_the_same_sweep()
+    SweepSettings(**{**vars(old), "recipe": AS_THE_ASSIGNMENT_TRAINED}).check_resumes_the_same_sweep()
+
+
+def test_a_resume_with_another_recipe_is_refused_naming_the_part_that_changed(tmp_path):
+    from search.sweep.settings import SweepSettings
+    from trainables.errors import InputError
+    from trainables.recipe import LONG
+
+    first = SweepSettings(space="nesterov", storage_path=str(tmp_path), name="long", recipe=LONG, epochs=3)
+    first.identity_file.write_text_atomically(json.dumps(first.identity()))
+    again = SweepSettings(**{**vars(first), "resume": True})
+    again.check_resumes_the_same_sweep()  # the same recipe: allowed
+    smoothed = SweepSettings(**{**vars(again), "recipe": dataclasses.replace(LONG, label_smoothing=0.2)})
+    with pytest.raises(InputError, match=r"its --label-smoothing was 0\.1, now 0\.2"):
+        smoothed.check_resumes_the_same_sweep()
+    with pytest.raises(InputError, match="its --top-rung was 'asha', now 'best'"):
+        SweepSettings(**{**vars(again), "top_rung": "best"}).check_resumes_the_same_sweep()
 
 
 def test_a_storage_path_that_cannot_be_a_folder_is_refused_before_mlflow_hears_of_it(tmp_path):

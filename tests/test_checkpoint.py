@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
+from search.storage import trial_results
 from search.sweep.checkpoints import needless_checkpoints
-from search.sweep.storage import trial_results
 from trainables.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
 from trainables.errors import InputError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from search import export, retrain, run
-from search.retrain import recipe_from
 from search.sweep.checkpoints import ended_in_snapshot, newest_snapshot
 from search.tracking.best import read_best
 from spaces import get_space
@@ -56,7 +54,7 @@ from trainables.names import (
     TRIAL_TABLE_ARTIFACT,
 )
 from trainables.names import REPORT_ARTIFACTS as REPORT_FILES
-from trainables.recipe import ASSIGNMENT, LONG_RUN, sweep_recipe
+from trainables.recipe import ASSIGNMENT, recipe_named
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +145,8 @@ def test_each_child_has_its_config_per_report_metrics_and_no_junk(sweep):
 
 def test_each_trial_follows_one_cycle_over_the_sweeps_epochs_up_to_the_configs_rate(sweep):
     parents, children = parent_and_children(sweep)
-    assert parents[0].data.params["schedule"] == "onecycle"  # the default
+    assert parents[0].data.params["recipe_name"] == "assignment"  # the default: the assignment's
+    assert parents[0].data.params["recipe_schedule"] == "onecycle"  # training, over one cycle
     client = sweep["client"]
     finished = 0
     for child in children:
@@ -159,7 +158,7 @@ def test_each_trial_follows_one_cycle_over_the_sweeps_epochs_up_to_the_configs_r
             finished += 1
             epoch_images = lrs[-1].step // EPOCHS  # a run's steps count the images seen
             steps = EPOCHS * math.ceil(epoch_images / TrialConfig.from_params(child.data.params).batch_size)
-            expected = sweep_recipe("onecycle").learning_rate(config_lr, steps - 1, steps)
+            expected = ASSIGNMENT.learning_rate(config_lr, steps - 1, steps)
             assert lrs[-1].value == pytest.approx(expected) and expected < config_lr / 2
     assert finished >= 1
 
@@ -230,32 +229,14 @@ def test_export_writes_the_winning_trial_and_every_trial(sweep, tmp_path):
     _, children = parent_and_children(sweep)
     top = max(run.data.metrics[BEST_METRIC] for run in children)
     winner = min((r for r in children if r.data.metrics[BEST_METRIC] == top), key=lambda r: r.info.start_time)
-    assert best["schema_version"] == 1 and best["space"] == "nesterov" and best["sweep"] == "e2e"
+    assert best["schema_version"] == 2 and best["space"] == "nesterov" and best["sweep"] == "e2e"
     assert best[METRIC] == winner.data.metrics[BEST_METRIC]
     assert best["mlflow"]["run_id"] == winner.info.run_id
     assert best["mlflow"]["checkpoint_uri"] == f"runs:/{winner.info.run_id}/{CHECKPOINT_ARTIFACT}"
     assert best["model"]["model"] == "sequential" and best["optimizer"]["optimizer"] == "nesterov"
     assert len(best["data"]["normalization"]["mean"]) == 3 and best["training"]["epochs"] == EPOCHS
-    assert best["training"]["schedule"] == "onecycle"  # how the sweep trained it, for a retrain
+    assert best["training"]["recipe"] == ASSIGNMENT.to_record()  # how the sweep trained it, for a retrain
     assert pq.read_table(tmp_path / "trials.parquet").num_rows == NUM_SAMPLES
-
-
-@pytest.mark.parametrize(
-    ("recipe", "epochs", "expected"),
-    [
-        ("auto", 1, sweep_recipe("onecycle")),  # one epoch: as the sweep trained its trials
-        ("auto", 10, LONG_RUN),
-        ("long", 1, LONG_RUN),
-        ("assignment", 10, ASSIGNMENT),
-    ],
-)
-def test_a_retrain_picks_its_recipe_from_the_epochs_and_the_sweeps_schedule(recipe, epochs, expected):
-    unchanged = dict.fromkeys(
-        ("schedule", "peak_lr_factor", "max_effective_step", "augment", "crop_padding", "label_smoothing",
-         "ema_decay"),
-    )  # fmt: skip
-    options = argparse.Namespace(recipe=recipe, epochs=epochs, **unchanged)
-    assert recipe_from(options, sweep_schedule="onecycle") == expected
 
 
 RETRAIN_EPOCHS = 2
@@ -264,7 +245,7 @@ HOLDOUT = 15  # of the 90 images: 75 to train on, two steps an epoch
 
 @pytest.mark.parametrize(
     ("style", "optimizer", "recipe"),
-    [("barebones", "sgd", "assignment"), ("module", "sgd", "auto"), ("sequential", "nesterov", "auto")],
+    [("barebones", "sgd", None), ("module", "sgd", "long"), ("sequential", "nesterov", "long")],
 )
 def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the_same(
     sweep, tmp_path, style, optimizer, recipe
@@ -275,7 +256,8 @@ def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the
     best_path.write_text(json.dumps(edited))
     metrics_path, name = tmp_path / "metrics.json", f"e2e-{style}"
     code = retrain.main(
-        [str(best_path), "--epochs", str(RETRAIN_EPOCHS), "--holdout", str(HOLDOUT), "--recipe", recipe]
+        [str(best_path), "--epochs", str(RETRAIN_EPOCHS), "--holdout", str(HOLDOUT)]
+        + ([] if recipe is None else ["--recipe", recipe])
         + ["--precision", "fp32", "--register", name, "--out", str(metrics_path)]
     )
     assert code == 0
@@ -290,12 +272,12 @@ def test_each_model_style_retrains_into_a_tested_model_that_loads_and_scores_the
         assert [m.step for m in client.get_metric_history(retrained.info.run_id, metric)] == [1, 2]
     lrs = [m.value for m in client.get_metric_history(retrained.info.run_id, "lr")]
     config_lr = edited["optimizer"]["lr"]
-    if recipe == "assignment":  # the assignment's recipe: the config's learning rate throughout
-        assert retrained.data.params["recipe_schedule"] == "constant" and lrs == [config_lr] * 2
-    else:  # more than one epoch: one cycle, to a peak above the config's rate, decaying towards 0
-        peak = LONG_RUN.peak_lr(config_lr, edited["optimizer"]["momentum"])
-        assert retrained.data.params["recipe_schedule"] == "onecycle" and lrs[1] < lrs[0] <= peak
-        assert peak > config_lr
+    if recipe is None:  # as the trials trained: one cycle up to the config's rate, decaying towards 0
+        assert retrained.data.params["recipe_name"] == "assignment" and lrs[1] < lrs[0] <= config_lr
+    else:  # the long run as calibrated for a config searched under another recipe: a higher peak
+        peak = recipe_named("long", ASSIGNMENT).peak_lr(config_lr, edited["optimizer"]["momentum"])
+        assert retrained.data.params["recipe_name"] == "long" and lrs[1] < lrs[0] <= peak
+        assert retrained.data.params["recipe_augment"] == "True" and peak > config_lr
 
     low, high = metrics["test_acc_interval_95"]
     assert low <= metrics["test_acc"] <= high and retrained.data.metrics["test_acc"] == metrics["test_acc"]
@@ -326,7 +308,9 @@ def test_a_retrain_whose_source_run_was_deleted_says_so_and_records_it(sweep, tm
     try:
         capsys.readouterr()
         assert retrain.main([str(best_path), "--epochs", "1", "--out", str(tmp_path / "m.json")]) == 0
-        (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+        (note,) = [
+            line for line in capsys.readouterr().err.splitlines() if line.startswith("note: the trial")
+        ]
         assert best["mlflow"]["run_id"] in note and "is deleted" in note
         retrained = client.get_run(json.loads((tmp_path / "m.json").read_text())["run_id"])
         assert retrained.data.tags[SOURCE_RUN_STATE_TAG] == "deleted"
@@ -356,12 +340,15 @@ def test_a_retrain_that_diverges_under_the_recipe_names_the_knob_and_keeps_its_e
     edited["optimizer"]["lr"] = 50.0  # a rate no model survives, peaked 4 times higher by the recipe
     best_path.write_text(json.dumps(edited))
     retrained = run_module(
-        "search.retrain", str(best_path), "--epochs", "3", "--max-effective-step", "1000", cwd=tmp_path
-    )
+        "search.retrain", str(best_path), "--epochs", "3", "--recipe", "long", "--max-effective-step", "1000",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert retrained.returncode == 2
-    (line,) = retrained.stderr.strip().splitlines()  # one line, no traceback
+    lines = retrained.stderr.strip().splitlines()
+    assert lines[0].startswith("note: retraining from scratch on ")  # what it adds, before training
+    (line,) = lines[1:]  # then one line, no traceback
     assert line.startswith("search.retrain: error: training diverged in epoch ")
-    assert "--peak-lr-factor" in line and "--recipe assignment" in line
+    assert "--peak-lr-factor" in line and "with their recipe (assignment: drop --recipe)" in line
     client = sweep["client"]
     experiment = client.get_experiment_by_name("cifar10-nesterov")
     (run,) = client.search_runs([experiment.experiment_id], "tags.role = 'retrain' and params.lr = '50.0'")

@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from search.sweep.storage import StoredFile
+from search.storage import StoredFile
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import start_sweep_run
 from search.tracking.writer import EndTrial, LogReport, MlflowWriter, StartTrial

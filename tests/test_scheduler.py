@@ -17,7 +17,7 @@ WINDOW = 3
 
 
 def scheduler(trials: list[Trial]) -> InOrderASHA:
-    asha = InOrderASHA(RUNGS, max_t=END, reduction_factor=3, window=WINDOW)
+    asha = InOrderASHA(RUNGS, max_t=END, reduction_factor=3, window=WINDOW, epoch_images=END)
     for trial in trials:  # in the order proposed, as Tune adds them
         asha.on_trial_add(None, trial)
     return asha

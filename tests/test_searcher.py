@@ -15,7 +15,7 @@ from ray.tune.search import Searcher
 from search.sweep.searcher import SweepSearcher, TrialCost, make_sampler, warm_start_trials
 from search.tracking.history import PastTrial
 from spaces import get_space
-from trainables.config import TrialConfig
+from trainables.config import FINAL_OF, TrialConfig
 from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, TRAIN_TFLOP
 
 SPACE = get_space("nesterov")
@@ -25,13 +25,13 @@ COST = TrialCost(input_shape=(3, 32, 32), num_classes=10, images=900)  # one epo
 
 
 def searcher(
-    window: int, num_samples: int, sampler: str = "tpe", epochs: int = 1, budget: float = math.inf
+    window: int, num_samples: int, sampler: str = "tpe", complete_at: float = 1, budget: float = math.inf
 ) -> SweepSearcher:
     study = optuna.create_study(
         direction="maximize", sampler=make_sampler(sampler, seed=0, num_samples=num_samples)
     )
     study.enqueue_trial(SPACE.first_point)
-    return SweepSearcher(SPACE, study, COST, epochs, window, num_samples, compute_budget=budget)
+    return SweepSearcher(SPACE, study, COST, complete_at, window, num_samples, compute_budget=budget)
 
 
 def score(config: dict) -> float:
@@ -105,7 +105,7 @@ def test_a_trial_waits_for_the_one_a_window_before_it():
 
 
 def test_optuna_hears_complete_pruned_failed_and_diverged_as_each_is():
-    wrapper = searcher(window=5, num_samples=5, epochs=1)
+    wrapper = searcher(window=5, num_samples=5)
     configs = {
         trial_id: wrapper.suggest(trial_id) for trial_id in ("done", "stopped", "crashed", "nan", "waits")
     }
@@ -140,16 +140,75 @@ def test_a_searcher_restored_behind_its_study_neither_tells_twice_nor_leaves_a_g
     study = optuna.create_study(
         study_name="s", storage=storage, direction="maximize", sampler=make_sampler("tpe", 0, 8)
     )
-    live = SweepSearcher(SPACE, study, COST, epochs=1, window=1, num_samples=8)  # one trial at a time
+    live = SweepSearcher(SPACE, study, COST, complete_at=1, window=1, num_samples=8)  # one trial at a time
     first = live.suggest("t0")
     live.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot before the kill
     live.on_trial_complete("t0", result(first))
     live.suggest("t1")  # t0 told to the study, t1 proposed: neither is in the snapshot
 
-    restored = SweepSearcher(SPACE, study, COST, epochs=1, window=1, num_samples=8)
+    restored = SweepSearcher(SPACE, study, COST, complete_at=1, window=1, num_samples=8)
     restored.restore(str(tmp_path / "snapshot.pkl"))
     restored.on_trial_complete("t0", result(first))  # Tune ends t0 again, from its checkpoint
     assert restored.suggest("t1") is not None
     states = [trial.state for trial in optuna.load_study(study_name="s", storage=storage).trials]
     # t0 told once; the ghost proposal FAIL, since it will never run; t1 proposed anew.
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+
+
+# Under --top-rung best: the search's rungs at a ninth and a third of a 900-image epoch, its top;
+# the final trial trains 3 epochs.
+FINAL_RUNGS = (100, 300)
+FINAL_COST = TrialCost(input_shape=(3, 32, 32), num_classes=10, images=300, final_images=2700)
+
+
+def final_searcher(num_samples: int, budget: float = math.inf) -> SweepSearcher:
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("gp", seed=0, num_samples=8))
+    study.enqueue_trial(SPACE.first_point)
+    return SweepSearcher(
+        SPACE, study, FINAL_COST, 1 / 3, 1, num_samples, compute_budget=budget, final_rungs=FINAL_RUNGS
+    )
+
+
+def search(wrapper: SweepSearcher, scores: list[float], stop_at_first_rung: set[int]) -> list[dict]:
+    """Runs the search one trial at a time, each scored `scores[k]` at each rung it reaches (the
+    ones in `stop_at_first_rung` stop at the first); returns what the searcher then proposes."""
+    proposed = []
+    for number, value in enumerate(scores):
+        config = wrapper.suggest(f"t{number}")
+        proposed.append(config)
+        top = FINAL_RUNGS[0] if number in stop_at_first_rung else FINAL_RUNGS[-1]
+        tflop = FINAL_COST.most_tflop(TrialConfig.from_dict(config)) * top / 300
+        for seen in FINAL_RUNGS:
+            if seen <= top:
+                reported = {METRIC: value, EPOCH: seen / 900, IMAGES_SEEN: seen + 4, TRAIN_TFLOP: tflop}
+                wrapper.on_trial_result(f"t{number}", reported)
+        wrapper.on_trial_complete(f"t{number}", reported)
+    return proposed
+
+
+def test_the_final_trial_trains_the_search_best_at_its_top_rung_and_the_study_models_the_search_alone():
+    wrapper = final_searcher(num_samples=5)
+    proposed = search(wrapper, scores=[0.3, 0.5, 0.9, 0.4], stop_at_first_rung={2})
+    final = wrapper.suggest("t4")
+    # Trial 2 scored best, but at the lower rung only: of the trials at the top, trial 1.
+    assert final == {**proposed[1], FINAL_OF: "t1"}
+    assert wrapper.suggest("t5") == Searcher.FINISHED
+    wrapper.on_trial_complete("t4", result(proposed[1], epoch=3.0))
+    states = [trial.state for trial in wrapper.study.trials]
+    # Those that trained to the search's top are COMPLETE there; the final trial is no trial of it.
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert wrapper.study.trials[1].value == 0.5
+
+
+def test_the_final_trial_is_the_best_the_budget_left_can_finish():
+    dear = TrialConfig(channel_1=128, channel_2=128)  # a final run of it costs far more than the rest
+    cheap = TrialConfig(channel_1=16, channel_2=16)
+    budget = 3 * FINAL_COST.most_tflop(dear) + FINAL_COST.final_tflop(TrialConfig()) * 1.5
+    assert FINAL_COST.final_tflop(dear) > budget
+    wrapper = final_searcher(num_samples=4, budget=budget)
+    for config in (dear, cheap):  # trials 1 and 2, after the assignment's point
+        wrapper.study.enqueue_trial(SPACE.searched_values(config))
+    proposed = search(wrapper, scores=[0.3, 0.9, 0.5], stop_at_first_rung=set())
+    assert proposed[1]["channel_1"] == 128 and proposed[2]["channel_1"] == 16
+    # Trial 1 led the search, but its final run is beyond the budget left: trial 2, the next best.
+    assert wrapper.suggest("t3") == {**proposed[2], FINAL_OF: "t2"}

@@ -142,6 +142,11 @@ def load_images(settings: DataSettings, split: str) -> LabeledImages:
     return _load_folder_cached(folder, Path(settings.root))
 
 
+def has_test_split(settings: DataSettings) -> bool:
+    """Whether the data has test images: CIFAR-10's test set, or an image folder's test/."""
+    return settings.source == CIFAR10 or (Path(settings.source) / "test").is_dir()
+
+
 def stratified_split(labels: Tensor, first_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """Indices of a seeded sample of first_size images with each class in proportion, and the rest.
 

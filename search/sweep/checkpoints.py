@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import tune
 
-from search.sweep.storage import is_uri, trial_results
+from search.storage import is_uri, trial_results
 from trainables.names import METRIC
 
 

@@ -18,17 +18,17 @@ from typing import Any
 
 import optuna
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from search.storage import make_local_folder
 from search.sweep.checkpoints import PruneEndedTrials
 from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
-from search.sweep.settings import SweepSettings, check_ray_address, check_reachable
+from search.sweep.settings import SweepSettings, check_ray_address
 from search.sweep.signals import StopSignals, held_back
-from search.sweep.storage import make_local_folder
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -37,15 +37,17 @@ from search.tracking.store import (
     ImageDataset,
     TrackingFailed,
     best_child_run,
-    child_runs,
     default_tracking_uri,
     get_or_create_experiment,
     is_diverged,
     open_store,
+    read_sweep,
     start_sweep_run,
     status_counts,
 )
+from search.tracking.uri import check_reachable
 from spaces import SearchSpace, get_space
+from trainables.config import FINAL_OF
 from trainables.data import ImageSplits, load_splits
 from trainables.errors import InputError, first_line
 from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE, TRAIN_TFLOP
@@ -81,6 +83,8 @@ class SweepOutcome:
     warm_start_skipped: int = 0  # those left out, their params outside the space's current ranges
     storage_error: str | None = None  # Tune's storage failed (a full disk, say): what it said
     ended_by: str | None = None  # the budget after which no trial started, before --num-samples did
+    final_trial: str | None = None  # under --top-rung best: the final trial's run name, once it started
+    no_final_reason: str = ""  # under --top-rung best, when the sweep ended with no final trial: why
 
 
 # A function trainable with train_convnet's signature and contract (reports METRIC per epoch).
@@ -145,6 +149,7 @@ def _sweep(
     if gpus_per_trial is None:
         gpus_per_trial = GPUS_PER_TRIAL_WHEN_PRESENT if ray.cluster_resources().get("GPU", 0) else 0.0
     trials_at_once = _trials_at_once(settings, gpus_per_trial)  # refuses a trial too big for Ray here
+    plan = SearchPlan.of(settings, splits)
     datasets = (
         ImageDataset.of(settings.data, "train", splits.fingerprint, len(splits.train_labels)),
         ImageDataset.of(settings.data, "validation", splits.fingerprint, len(splits.val_labels)),
@@ -155,7 +160,9 @@ def _sweep(
         past = []
         if settings.warm_start and not settings.resume:  # a resume's study has them already
             experiment_id = get_or_create_experiment(client, settings.experiment_name)
-            past = finished_trials(client, experiment_id, space.name, settings.sweep_name, params)
+            past = finished_trials(
+                client, experiment_id, space.name, settings.sweep_name, params, plan.complete_at
+            )
         warm_start, skipped = warm_start_trials(space, past)
         params.update(warm_start_trials=len(warm_start), warm_start_skipped=skipped)
         sweep_run = start_sweep_run(
@@ -169,21 +176,10 @@ def _sweep(
         settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s is not None else None
 
+    resources = _trial_resources(settings, gpus_per_trial, trials_at_once)
     resourced = tune.with_resources(
-        tune.with_parameters(
-            trainable,
-            splits=splits,
-            settings=TrialSettings(
-                max_epochs=settings.epochs,
-                seed=settings.seed,
-                precision=settings.precision,
-                schedule=settings.schedule,
-                rungs=settings.rung_fractions,
-            ),
-        ),
-        {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial},
+        tune.with_parameters(trainable, splits=splits, settings=plan.trial), resources
     )
-    cost = TrialCost(splits.input_shape, len(splits.classes), len(splits.train_labels) * settings.epochs)
     # Trial k is proposed, and judged at a rung, only against trials 0 .. k - window: one more than
     # fit at once, so a proposal is ready whenever a slot frees.
     window = trials_at_once + 1
@@ -220,8 +216,17 @@ def _sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=make_searcher(space, settings, window, warm_start, deadline, cost),
-                scheduler=_scheduler(settings, len(splits.train_labels), window),
+                search_alg=make_searcher(
+                    space,
+                    settings,
+                    window,
+                    warm_start,
+                    deadline,
+                    plan.cost,
+                    plan.complete_at,
+                    plan.final_rungs,
+                ),
+                scheduler=_scheduler(settings, plan, window),
                 num_samples=settings.num_samples,
                 # Also lets Tune start that many trials at once: with a searcher it would
                 # otherwise start one, wait for it to run, then start the next.
@@ -258,7 +263,7 @@ def _sweep(
     if settings.journal.exists():
         raise TrackingFailed(f"MLflow writes wait in {settings.journal}")
     try:
-        outcome = _outcome(client, settings, tracking_uri, sweep_run.run_id)
+        outcome = _outcome(settings, tracking_uri, sweep_run.run_id)
     except TRACKING_ERRORS as error:
         raise TrackingFailed(first_line(error)) from None
     outcome.stop_signal = stop.received
@@ -266,12 +271,57 @@ def _sweep(
     # A trial's own ENOSPC says more than the EOFError Tune then meets reading back its files.
     full = next((error for error in tracker.errors if any(words in error for words in STORAGE_FULL)), None)
     outcome.storage_error = first_line(full.strip().splitlines()[-1]) if full else storage_error
+    if settings.top_rung == "best" and outcome.final_trial is None and not outcome.interrupted:
+        outcome.no_final_reason = (
+            "no trial of the search was scored at a rung, or none can train to the end within what "
+            f"is left of the --compute-budget of {settings.compute_budget:g} TFLOP"
+        )
     if not outcome.interrupted and sum(outcome.trial_statuses.values()) < settings.num_samples:
         if deadline is not None and time.time() >= deadline:
             outcome.ended_by = f"its --time-budget of {settings.time_budget_s:g} s"
         elif outcome.trained_tflop >= settings.compute_budget:
             outcome.ended_by = f"its --compute-budget of {settings.compute_budget:g} TFLOP"
     return outcome
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Where the search's trials report and stop, and what a trial costs at most."""
+
+    trial: TrialSettings
+    epoch_images: int
+    rung_points: list[int]  # images seen at each rung below the sweep's end
+    search_top: int  # images seen where a trial of the search ends: the sweep's end, or under
+    # --top-rung best the highest rung, above which only the final trial trains
+    final_rungs: tuple[int, ...]  # under --top-rung best, the search's rungs; else none
+    cost: TrialCost
+
+    @property
+    def complete_at(self) -> float:
+        """The epochs after which a trial of the search has trained to its end."""
+        return self.search_top / self.epoch_images
+
+    @classmethod
+    def of(cls, settings: SweepSettings, splits: ImageSplits) -> SearchPlan:
+        trial = TrialSettings(
+            max_epochs=settings.epochs,
+            seed=settings.seed,
+            precision=settings.precision,
+            recipe=settings.recipe,
+            rungs=settings.rung_fractions,
+        )
+        epoch_images = len(splits.train_labels)
+        every_image = settings.epochs * epoch_images
+        rung_points = trial.rung_points(epoch_images)
+        final_rungs = tuple(rung_points) if settings.top_rung == "best" else ()
+        search_top = rung_points[-1] if final_rungs else every_image
+        cost = TrialCost(
+            splits.input_shape,
+            len(splits.classes),
+            images=search_top + settings.recipe.scoring_images(rung_points, every_image),
+            final_images=every_image,
+        )
+        return cls(trial, epoch_images, rung_points, search_top, final_rungs, cost)
 
 
 def _storage_failure(error: BaseException) -> str | None:
@@ -307,13 +357,28 @@ def _trials_at_once(settings: SweepSettings, gpus_per_trial: float) -> int:
     return max(1, min(fits, settings.num_samples))
 
 
-def _scheduler(settings: SweepSettings, epoch_images: int, window: int) -> TrialScheduler:
+def _scheduler(settings: SweepSettings, plan: SearchPlan, window: int) -> TrialScheduler:
+    """ASHA deciding at the rungs (counted in images seen, so they can fall inside an epoch), a trial
+    of the search stopping at its top."""
     if settings.scheduler == "fifo":
         return FIFOScheduler()
-    # Rungs count images seen, so they can fall inside an epoch; the trials report at each.
-    full = settings.epochs * epoch_images
-    rungs = [round(fraction * full) for fraction in settings.rung_fractions]
-    return InOrderASHA(rungs, max_t=full, reduction_factor=settings.reduction_factor, window=window)
+    rungs = [point for point in plan.rung_points if point < plan.search_top]
+    return InOrderASHA(rungs, plan.search_top, settings.reduction_factor, window, plan.epoch_images)
+
+
+def _trial_resources(
+    settings: SweepSettings, gpus_per_trial: float, trials_at_once: int
+) -> Callable[[dict[str, Any]], PlacementGroupFactory]:
+    """What each trial asks Ray for; on the local Ray, a final trial (--top-rung best), which runs
+    alone once the search has ended, asks for what all the trials at once had."""
+
+    def resources(config: dict[str, Any]) -> PlacementGroupFactory:
+        share = trials_at_once if FINAL_OF in config and settings.address is None else 1
+        return PlacementGroupFactory(
+            [{"CPU": settings.cpus_per_trial * share, "GPU": gpus_per_trial * share}]
+        )
+
+    return resources
 
 
 def start_ray(address: str | None, output: str) -> bool:
@@ -358,9 +423,12 @@ def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: 
     """The settings as the sweep's parent run records them, with each default resolved to the value
     the sweep used."""
     params = {
-        key: value for key, value in asdict(settings).items() if key not in {"data", "resume", "output"}
+        key: value
+        for key, value in asdict(settings).items()
+        if key not in {"data", "recipe", "resume", "output"}
     }
     params.update({f"data_{key}": value for key, value in asdict(settings.data).items()})
+    params.update(settings.recipe.as_params())
     params["gpus_per_trial"] = gpus_per_trial
     params["compute_budget_tflop"] = settings.compute_budget
     params["experiment"] = settings.experiment_name
@@ -368,12 +436,10 @@ def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: 
     return params
 
 
-def _outcome(
-    client: MlflowClient, settings: SweepSettings, tracking_uri: str, parent_run_id: str
-) -> SweepOutcome:
+def _outcome(settings: SweepSettings, tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     """The summary, read back from MLflow: what the user will see there is what we print."""
-    parent = client.get_run(parent_run_id)
-    children = child_runs(client, parent)
+    sweep = read_sweep(tracking_uri, parent_run_id)
+    parent, children = sweep.parent, sweep.children
     best = best_child_run(children)
     return SweepOutcome(
         sweep=settings.sweep_name,
@@ -395,4 +461,5 @@ def _outcome(
         trained_tflop=sum(run.data.metrics.get(TRAIN_TFLOP, 0.0) for run in children),
         compute_budget=settings.compute_budget,
         no_best_reason=why_no_best(children) if best is None else "",
+        final_trial=next((run.info.run_name for run in children if FINAL_OF in run.data.params), None),
     )

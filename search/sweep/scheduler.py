@@ -9,6 +9,14 @@ trials go on, and so what Optuna hears, and so the configs it proposes next.
 sweep's searcher (`search.sweep.searcher`) waits for before it proposes trial k: they
 have all ended by the time trial k reports, so the set is the same in every run of the
 seed. The price is a comparison set `window - 1` trials behind the newest.
+
+The first trials have nothing to be judged against. They go on blindly only while the next rung
+is within the first epoch: in a one-epoch sweep, to the end, as ASHA's stopping rule has them;
+in a sweep of many epochs they stop where a blind promotion would cost more than an epoch, since
+with twenty epochs the first window of trials would otherwise train three whole final runs.
+
+A sweep's final trial (trainables.config.FINAL_OF) trains to the end: it is the search's best,
+chosen at the rungs already.
 """
 
 from __future__ import annotations
@@ -19,16 +27,20 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from trainables.config import FINAL_OF
 from trainables.names import IMAGES_SEEN, METRIC, MODE
 
 
 class InOrderASHA(FIFOScheduler):
-    def __init__(self, rungs: Sequence[int], max_t: int, reduction_factor: int, window: int) -> None:
+    def __init__(
+        self, rungs: Sequence[int], max_t: int, reduction_factor: int, window: int, epoch_images: int
+    ) -> None:
         super().__init__()
         self.rungs = sorted(rungs)  # images seen at each decision below the end
-        self.max_t = max_t  # images seen when a trial has trained to the end
+        self.max_t = max_t  # images seen when a trial of the search has trained to its end
         self.reduction_factor = reduction_factor
         self.window = window
+        self.blind_until = epoch_images  # how far a trial with nothing to be judged against goes on
         self.numbers: dict[str, int] = {}  # Tune trial id -> its place in the order proposed
         self.recorded: dict[int, dict[int, float]] = {
             rung: {} for rung in self.rungs
@@ -43,7 +55,7 @@ class InOrderASHA(FIFOScheduler):
         self.numbers.setdefault(trial.trial_id, len(self.numbers))
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if IMAGES_SEEN not in result or METRIC not in result:
+        if IMAGES_SEEN not in result or METRIC not in result or FINAL_OF in trial.config:
             return TrialScheduler.CONTINUE
         seen = result[IMAGES_SEEN]
         if seen >= self.max_t:
@@ -57,14 +69,17 @@ class InOrderASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE
         score = float(result[METRIC]) if MODE == "max" else -float(result[METRIC])
         recorded[number] = score
-        return TrialScheduler.STOP if score < self.cutoff(recorded, number) else TrialScheduler.CONTINUE
+        above = [rung for rung in self.rungs if rung > passed[-1]]
+        next_point = above[0] if above else self.max_t
+        cutoff = self.cutoff(recorded, number, blind=next_point <= self.blind_until)
+        return TrialScheduler.STOP if score < cutoff else TrialScheduler.CONTINUE
 
-    def cutoff(self, recorded: dict[int, float], number: int) -> float:
+    def cutoff(self, recorded: dict[int, float], number: int, blind: bool = True) -> float:
         """The score trial `number` must reach at a rung: ASHA's quantile over the trials that ended
-        before it was proposed, or none (-inf) while there are none."""
+        before it was proposed; while there are none, nothing (-inf) where it may go on `blind`."""
         earlier = [score for other, score in recorded.items() if other <= number - self.window]
         if not earlier:
-            return -np.inf
+            return -np.inf if blind else np.inf
         return float(np.nanpercentile(earlier, (1 - 1 / self.reduction_factor) * 100))
 
     def debug_string(self) -> str:

@@ -25,6 +25,18 @@ any machine: trial k starts while trials 0 .. k - window trained, plus the trial
 counted at their most (all their epochs), less than the budget. When that is too close to
 call, trial k waits for every earlier trial to end and starts if they trained less than it.
 A sweep thus ends at the first trial that takes it past its budget.
+
+Under --top-rung best the search's trials stop at the search's top rung, below the sweep's end:
+one that reaches it has trained to the search's end, and Optuna hears of it as COMPLETE at its
+score there. The sweep then ends with one more trial, the final one: the incumbent, trained to the
+end. The incumbent is the config that scored best at the highest rung reached by any config whose
+final run the budget left can pay for (a wide config can lead the search and still be too dear to
+finish; where the budget left pays for none, the cheapest to finish). It is proposed once every
+trial of the search has ended, so it is chosen from all of them, the same on any machine. The
+budget reserves its cost from the start (the incumbent's so far, or the first trial's before any
+has ended, plus the dearest trial of the search yet, since the search ends at the first trial past
+its share), so the search stops in time to pay for it. The study does not hear of the final trial:
+its score is at another fidelity than the search's, which the sampler models.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from ray.tune.search import Searcher
 from search.sweep.settings import SweepSettings
 from search.tracking.history import PastTrial
 from spaces import SearchSpace
-from trainables.config import TrialConfig
+from trainables.config import FINAL_OF, TrialConfig
 from trainables.model import ImageShape, training_flops_per_image
 from trainables.names import DIVERGED, EPOCH, IMAGES_SEEN, METRIC, MODE, TRAIN_TFLOP
 
@@ -101,14 +113,21 @@ def _within(distribution: BaseDistribution, value: Any) -> bool:
 
 @dataclass(frozen=True)
 class TrialCost:
-    """The most compute a trial can spend: all its epochs, at its config's arithmetic per image."""
+    """The most compute a trial can spend, at its config's arithmetic per image."""
 
     input_shape: ImageShape
     num_classes: int
-    images: int  # every image a trial trains on, over all its epochs
+    images: int  # the most images a trial of the search trains on, its scoring decays included
+    final_images: int = 0  # those of the final trial (all the epochs), under --top-rung best
 
     def most_tflop(self, config: TrialConfig) -> float:
-        return training_flops_per_image(config, self.input_shape, self.num_classes) * self.images / 1e12
+        return self._tflop(config, self.images)
+
+    def final_tflop(self, config: TrialConfig) -> float:
+        return self._tflop(config, self.final_images)
+
+    def _tflop(self, config: TrialConfig, images: int) -> float:
+        return training_flops_per_image(config, self.input_shape, self.num_classes) * images / 1e12
 
 
 def make_searcher(
@@ -118,8 +137,12 @@ def make_searcher(
     history: list[FrozenTrial],
     deadline: float | None,
     cost: TrialCost,
+    complete_at: float,
+    final_rungs: tuple[int, ...] = (),
 ) -> SweepSearcher:
-    """The sweep's searcher, its study seeded with the space's first point and earlier sweeps' trials."""
+    """The sweep's searcher, its study seeded with the space's first point and earlier sweeps' trials.
+    `complete_at`: the epochs a trial of the search trains at most; `final_rungs` (images seen at the
+    search's rungs) under --top-rung best, else none."""
     journal = settings.optuna_journal  # in the local storage folder, which run_sweep has made
     storage = None if journal is None else JournalStorage(JournalFileBackend(journal))
     # A warm start offsets the seed by the trials it brings: the same seed would draw the random
@@ -135,7 +158,15 @@ def make_searcher(
     if not any(_same_point(trial.params, space.first_point) for trial in history):
         study.enqueue_trial(space.first_point)  # the assignment's point, unless a warm start scored it
     return SweepSearcher(
-        space, study, cost, settings.epochs, window, settings.num_samples, deadline, settings.compute_budget
+        space,
+        study,
+        cost,
+        complete_at,
+        window,
+        settings.num_samples,
+        deadline,
+        settings.compute_budget,
+        final_rungs,
     )
 
 
@@ -144,14 +175,19 @@ class _Ledger:
     """What the searcher keeps besides the study: the order of proposals and what came back."""
 
     proposed: list[str] = field(default_factory=list)  # Tune trial ids, in the order proposed
-    trials: dict[str, optuna.Trial] = field(default_factory=dict)  # Tune trial id -> Optuna's trial
+    trials: dict[str, optuna.Trial | None] = field(default_factory=dict)  # Tune id -> Optuna's (final: none)
     reports: dict[str, dict[int, float]] = field(default_factory=dict)  # id -> images seen -> value
     finished: dict[str, tuple[dict | None, bool]] = field(default_factory=dict)  # not yet told
     tflop: dict[str, float] = field(default_factory=dict)  # id -> its training so far, in TFLOP
     told_tflop: list[float] = field(default_factory=list)  # what proposed[:told] trained, in order
     most_tflop: list[float] = field(default_factory=list)  # what each proposed trial may train at most
-    closed: bool = False  # a budget is spent: nothing more is proposed
+    closed: bool = False  # a budget is spent: nothing more is proposed (but the final trial)
     told: int = 0  # proposed[:told] have been told to the study
+    # Under --top-rung best: each proposal's config and Optuna params, in order; the told trials'
+    # scores at the search's rungs, by their place in that order; and the final trial, once proposed.
+    configs: list[dict] = field(default_factory=list)
+    rung_scores: dict[int, dict[int, float]] = field(default_factory=dict)
+    final: str | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # a ledger saved by an older version gets the fields it lacks, at their defaults
@@ -164,22 +200,29 @@ class SweepSearcher(Searcher):
         space: SearchSpace,
         study: optuna.Study,
         cost: TrialCost,  # what a trial may train at most, for the compute budget
-        epochs: int,
+        complete_at: float,  # epochs: a trial that reports this far trained to the search's end
         window: int,
         num_samples: int,
         deadline: float | None = None,
         compute_budget: float = math.inf,
+        final_rungs: tuple[int, ...] = (),  # under --top-rung best: the search's rungs, in images seen
     ) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.space = space
         self.study = study
-        self.epochs = epochs  # a trial that reports this many epochs trained to the end
+        self.complete_at = complete_at
         self.window = window  # proposals that may be out at once: trial k waits for k - window
         self.num_samples = num_samples
         self.deadline = deadline  # wall-clock time after which no trial is proposed (--time-budget)
         self.compute_budget = compute_budget  # TFLOP after which no trial is proposed (--compute-budget)
         self.cost = cost
+        self.final_rungs = final_rungs
         self.ledger = _Ledger()
+
+    @property
+    def search_samples(self) -> int:
+        """The trials of the search: all of --num-samples, but the final trial under --top-rung best."""
+        return self.num_samples - 1 if self.final_rungs else self.num_samples
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the metric and mode are the sweep's own, fixed
@@ -189,22 +232,27 @@ class SweepSearcher(Searcher):
         must_know = max(0, len(ledger.proposed) - self.window + 1)  # trials 0 .. k - window, for trial k
         self._tell_up_to(must_know)
         out_of_time = self.deadline is not None and time.time() >= self.deadline
-        if out_of_time or ledger.closed:
-            return self._close()
+        if out_of_time or ledger.closed or (self.final_rungs and len(ledger.proposed) >= self.search_samples):
+            return self._close(trial_id)
         if ledger.told < must_know or len(ledger.proposed) >= self.num_samples:
             return None  # Tune asks again once a trial finishes
         within_budget = self._within_budget(must_know)
         if within_budget is None:
             return None  # too close to call until the trials under way end
         if not within_budget:
-            return self._close()
+            return self._close(trial_id)
         trial = self.study.ask()
         config = self.space.config_for(trial)
-        ledger.most_tflop.append(self.cost.most_tflop(config))
+        return self._propose(trial_id, trial, config.to_dict(), self.cost.most_tflop(config))
+
+    def _propose(self, trial_id: str, trial: optuna.Trial | None, config: dict, most_tflop: float) -> dict:
+        ledger = self.ledger
+        ledger.most_tflop.append(most_tflop)
         ledger.proposed.append(trial_id)
         ledger.trials[trial_id] = trial
         ledger.reports[trial_id] = {}
-        return config.to_dict()
+        ledger.configs.append(config)
+        return config
 
     def _within_budget(self, must_know: int) -> bool | None:
         """Whether the next trial may start within the compute budget; None: not before the trials
@@ -212,19 +260,66 @@ class SweepSearcher(Searcher):
         ledger = self.ledger
         if math.isinf(self.compute_budget):
             return True
+        budget = self.compute_budget - self._final_reserve()
         at_most = sum(ledger.told_tflop[:must_know]) + sum(ledger.most_tflop[must_know:])
-        if at_most < self.compute_budget:
+        if at_most < budget:
             return True
         self._tell_up_to(len(ledger.proposed))
         if ledger.told < len(ledger.proposed):
             return None
-        return sum(ledger.told_tflop) < self.compute_budget
+        return sum(ledger.told_tflop) < self.compute_budget - self._final_reserve()
 
-    def _close(self) -> str:
-        """No more proposals (a budget is spent): the trials under way end the sweep, and each is told."""
-        self.ledger.closed = True
-        self._tell_up_to(len(self.ledger.proposed))
-        return Searcher.FINISHED
+    def _final_reserve(self) -> float:
+        """What to keep back for the final trial (0 without one): its cost, as far as the trials told
+        so far say, and that of the dearest trial of the search yet, since the search ends at the
+        first trial past its share, which then spends into the reserve."""
+        if not self.final_rungs or not self.ledger.configs:
+            return 0.0
+        place = self._incumbent()
+        return self._final_cost(0 if place is None else place) + max(self.ledger.most_tflop)
+
+    def _final_cost(self, place: int) -> float:
+        return self.cost.final_tflop(TrialConfig.from_dict(self.ledger.configs[place]))
+
+    def _close(self, trial_id: str) -> dict | str | None:
+        """No more trials of the search (a budget is spent): the trials under way end, each is told;
+        under --top-rung best, the final trial then trains the incumbent to the end."""
+        ledger = self.ledger
+        ledger.closed = True
+        self._tell_up_to(len(ledger.proposed))
+        if not self.final_rungs or ledger.final is not None:
+            return Searcher.FINISHED
+        if ledger.told < len(ledger.proposed):
+            return None  # the final trial is chosen from every trial of the search
+        place = self._incumbent()
+        if place is None:
+            return Searcher.FINISHED  # no trial was scored at a rung, or none the budget can finish
+        final = {**ledger.configs[place], FINAL_OF: ledger.proposed[place]}
+        ledger.final = trial_id
+        return self._propose(trial_id, None, final, self._final_cost(place))
+
+    def _incumbent(self) -> int | None:
+        """The place (in the order proposed) of the told trial that scored best at the highest rung
+        reached by a told trial whose final run the budget left pays for; the earliest among equals.
+        Where the budget left pays for none, the cheapest to finish. None while no trial has a score."""
+        scored = self.ledger.rung_scores
+        left = self.compute_budget - sum(self.ledger.told_tflop)
+        scores = {place: mine for place, mine in scored.items() if self._final_cost(place) <= left}
+        if not scores and scored:  # a sweep should end with a final model, at the least cost past it
+            cheapest = min(scored, key=lambda place: (self._final_cost(place), place))
+            scores = {
+                place: scored[place]
+                for place in scored
+                if self._final_cost(place) == self._final_cost(cheapest)
+            }
+        reached = [rung for rung in self.final_rungs if any(rung in mine for mine in scores.values())]
+        if not reached:
+            return None
+        top = reached[-1]
+        sign = 1.0 if MODE == "max" else -1.0
+        return max(
+            (place for place in scores if top in scores[place]), key=lambda p: (sign * scores[p][top], -p)
+        )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.ledger.reports and METRIC in result and IMAGES_SEEN in result:
@@ -250,12 +345,27 @@ class SweepSearcher(Searcher):
     def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
         trial = self.ledger.trials.pop(trial_id)
         reports = self.ledger.reports.pop(trial_id)
+        if trial is None:
+            return  # the final trial: the study models the search alone
+        if self.final_rungs and not error:
+            place = self.ledger.proposed.index(trial_id)
+            self.ledger.rung_scores[place] = self._at_rungs(reports)
         if self._study_trial(trial.number).state.is_finished():
             return  # told before a kill -9 left Tune's last snapshot of this searcher behind the study
         for images_seen, value in sorted(reports.items()):
             trial.report(value, images_seen)
-        state, value = outcome(result, error, self.epochs)
+        state, value = outcome(result, error, self.complete_at)
         self.study.tell(trial, value, state=state)
+
+    def _at_rungs(self, reports: dict[int, float]) -> dict[int, float]:
+        """A trial's score at each rung it reached: its first report there, since training reaches a
+        point to a whole batch, so a little past it."""
+        scores = {}
+        for rung, above in zip(self.final_rungs, [*self.final_rungs[1:], math.inf], strict=True):
+            past = [seen for seen in sorted(reports) if rung <= seen < above]
+            if past:
+                scores[rung] = reports[past[0]]
+        return scores
 
     def _study_trial(self, number: int) -> FrozenTrial:
         return self.study.get_trials(deepcopy=False)[number]  # a study numbers its trials 0, 1, ...
@@ -264,7 +374,7 @@ class SweepSearcher(Searcher):
         """The study is written at once, this searcher only when Tune snapshots the sweep: after a
         kill -9, a trial proposed since the last snapshot is RUNNING in the study, unknown here, and
         will never run. It is told FAIL, so the sampler does not count it as running for ever."""
-        known = {trial.number for trial in self.ledger.trials.values()}
+        known = {trial.number for trial in self.ledger.trials.values() if trial is not None}
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:
                 self.study.tell(trial.number, state=TrialState.FAIL)
@@ -280,7 +390,7 @@ class SweepSearcher(Searcher):
         self._fail_orphans()
 
 
-def outcome(result: dict | None, error: bool, epochs: int) -> tuple[TrialState, float | None]:
+def outcome(result: dict | None, error: bool, complete_at: float) -> tuple[TrialState, float | None]:
     """How Optuna should see a trial that Tune finished with this last result."""
     if error:
         return TrialState.FAIL, None
@@ -288,6 +398,6 @@ def outcome(result: dict | None, error: bool, epochs: int) -> tuple[TrialState, 
         return TrialState.PRUNED, None  # stopped before it reported anything
     if result.get(DIVERGED):
         return TrialState.COMPLETE, float(result[METRIC])  # 0.0: a finite value, ranked last
-    if float(result.get(EPOCH, 0)) < epochs - 1e-9:
+    if float(result.get(EPOCH, 0)) < complete_at - 1e-9:
         return TrialState.PRUNED, None  # the scheduler stopped it early: its reports tell how far it got
     return TrialState.COMPLETE, float(result[METRIC])

@@ -7,22 +7,26 @@ second, before it loads torch, Ray and MLflow.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import requests
-
-from search.sweep.storage import StoredFile, check_storage, is_uri, join, resolve_storage
+from search.storage import StoredFile, check_storage, is_uri, join, resolve_storage
+from search.tracking.uri import check_tracking_uri
 from spaces import get_space
-from trainables.config import CIFAR10, PRECISIONS, SCHEDULES, UNRECORDED_SCHEDULE, DataSettings
+from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
+from trainables.recipe import ASSIGNMENT, UNRECORDED_SCHEDULE, Recipe
 
 SCHEDULERS = ("asha", "fifo")
+# How a sweep fills ASHA's top rung, all of --epochs: asha promotes to it as to any rung; best trains
+# only the best trial of the search to it, once the search has ended (search.sweep.searcher).
+TOP_RUNGS = ("asha", "best")
+# Where the lowest rung goes when --rungs is not given: a ninth of the first epoch, where the
+# one-epoch default has stopped most trials since rungs came in (README, *Rungs within an epoch*).
+LOWEST_RUNG_EPOCHS = 1 / 9
 SAMPLERS = ("tpe", "gp", "random")  # Optuna's multivariate TPE, its Gaussian-process sampler, random search
 # What `search.run` shows while it sweeps: one status line (default), Tune's own tables
 # (--verbose), or nothing but the final summary (--quiet).
@@ -45,13 +49,18 @@ class SweepSettings:
     # trials (one window, see search.sweep.scheduler) train to the end, most later ones stop at a ninth.
     num_samples: int = 25
     scheduler: str = "asha"
-    rungs: int = 3  # ASHA's: each reduction_factor times the last, the last at all the training
+    # ASHA's, the last at all the training, each reduction_factor times the one below (under
+    # top_rung best, the top reduction_factor squared); None: as many as put the lowest at
+    # LOWEST_RUNG_EPOCHS (3 for one epoch: a ninth, a third, all of it).
+    rungs: int | None = None
     reduction_factor: int = 3  # of the trials at a rung, 1 in this many goes on to the next
+    top_rung: str = "asha"  # one of TOP_RUNGS
     # One of SAMPLERS: GP's picks scored best on the mean in the search benchmark (README; within noise).
     sampler: str = "gp"
-    # One of SCHEDULES, over each trial's whole budget (trainables.recipe.sweep_recipe).
-    # One cycle's picks scored higher on the audit split than the constant rate's (README).
-    schedule: str = "onecycle"
+    # How every trial trains, over its whole budget (--epochs): the retrain of the best trains so too.
+    # The assignment's with one cycle: its picks scored higher on the audit split than the constant
+    # rate's (README).
+    recipe: Recipe = ASSIGNMENT
     warm_start: bool = True  # start from the finished trials of earlier sweeps like this one
     time_budget_s: float | None = None  # after this, no new trial starts; those under way end
     # After this much training (TFLOP), no new trial starts; those under way end. None:
@@ -82,8 +91,20 @@ class SweepSettings:
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.rungs >= 1, f"--rungs must be >= 1, got {self.rungs}"),
+            (self.rungs is None or self.rungs >= 1, f"--rungs must be >= 1, got {self.rungs}"),
+            (self.top_rung in TOP_RUNGS, f"--top-rung must be one of {', '.join(TOP_RUNGS)}"),
+            (
+                self.top_rung == "asha" or self.scheduler == "asha",
+                "--top-rung best needs --scheduler asha: the best of the search is chosen at its rungs",
+            ),
+            (
+                self.top_rung == "asha" or self.num_samples >= 2,
+                "--top-rung best needs --num-samples 2 or more: a trial to search, and the final one",
+            ),
+            (
+                self.top_rung == "asha" or self.rungs is None or self.rungs >= 2,
+                "--top-rung best needs --rungs 2 or more: the search's, and the top",
+            ),
             (self.reduction_factor >= 2, f"--reduction-factor must be >= 2, got {self.reduction_factor}"),
             (self.time_budget_s is None or self.time_budget_s > 0, "--time-budget must be more than 0"),
             (self.compute_budget > 0, f"--compute-budget must be more than 0, got {self.compute_budget}"),
@@ -110,6 +131,8 @@ class SweepSettings:
         check_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
         if self.name is None:  # fixed once, so every reader sees the same name
             object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.rungs is None:  # resolved once too: the parent run and the identity record the number
+            object.__setattr__(self, "rungs", self._rungs_to_the_lowest())
 
     @property
     def experiment_name(self) -> str:
@@ -142,10 +165,25 @@ class SweepSettings:
 
     @property
     def rung_fractions(self) -> tuple[float, ...]:
-        """Where ASHA decides, below the end, as fractions of a trial's training (none under FIFO)."""
+        """Where ASHA decides, below the end, as fractions of a trial's training (none under FIFO).
+
+        Under top_rung best, the search's highest rung is reduction_factor squared below the top:
+        the final trial alone then costs what that many of the search's top trials do, and a
+        compute budget near one final run still pays for a search under it.
+        """
         if self.scheduler != "asha":
             return ()
-        return tuple(self.reduction_factor**-level for level in range(self.rungs - 1, 0, -1))
+        assert self.rungs is not None  # resolved in __post_init__
+        gap = 2 if self.top_rung == "best" else 1
+        return tuple(self.reduction_factor**-level for level in range(self.rungs - 2 + gap, gap - 1, -1))
+
+    def _rungs_to_the_lowest(self) -> int:
+        """The fewest rungs that put the lowest at or below LOWEST_RUNG_EPOCHS (the top counts one)."""
+        gap = 2 if self.top_rung == "best" else 1
+        rungs = 2
+        while self.epochs * self.reduction_factor ** -(rungs - 2 + gap) > LOWEST_RUNG_EPOCHS + 1e-9:
+            rungs += 1
+        return rungs
 
     @property
     def identity_file(self) -> StoredFile:
@@ -171,9 +209,10 @@ class SweepSettings:
             "--scheduler": self.scheduler,
             "--rungs": self.rungs,
             "--reduction-factor": self.reduction_factor,
+            "--top-rung": self.top_rung,
             "--sampler": self.sampler,
-            "--schedule": self.schedule,
             "--experiment": self.experiment_name,
+            **recipe_flags(self.recipe),
         }
 
     def check_resumes_the_same_sweep(self) -> None:
@@ -181,13 +220,17 @@ class SweepSettings:
         if not self.resume or not self.identity_file.exists():
             return
         recorded = json.loads(self.identity_file.read_text())
-        recorded.setdefault("--schedule", UNRECORDED_SCHEDULE)
-        changed = [(flag, value) for flag, value in recorded.items() if self.identity().get(flag) != value]
+        recorded.setdefault("--top-rung", "asha")  # recorded before it existed
+        if "--recipe" not in recorded:  # recorded before recipes: the assignment's, at its --schedule
+            legacy = Recipe.from_record({"schedule": recorded.pop("--schedule", UNRECORDED_SCHEDULE)})
+            recorded.update(recipe_flags(legacy))
+        now = self.identity()
+        changed = [(flag, value) for flag, value in recorded.items() if now.get(flag) != value]
         if changed:
             flag, value = changed[0]
             raise InputError(
                 f"--resume cannot change what sweep {self.sweep_name} is: its {flag} was {value!r}, "
-                f"now {self.identity().get(flag)!r} (start a new sweep with another --name instead)"
+                f"now {now.get(flag)!r} (start a new sweep with another --name instead)"
             )
 
     @property
@@ -202,61 +245,12 @@ class SweepSettings:
         return self.name
 
 
-KNOWN_SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
-
-
-def check_tracking_uri(uri: str) -> str:
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in KNOWN_SCHEMES:
-        known = ", ".join(sorted(s for s in KNOWN_SCHEMES if s))
-        raise InputError(f"unknown tracking URI scheme {scheme!r} in {uri} (known: {known})")
-    return uri
-
-
-def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
-    """Fails fast, naming the URI, when the store cannot be reached or created.
-
-    MLflow's own client would retry an unreachable server for minutes before failing.
-    """
-    database = sqlite_file(uri)
-    if database is not None and not database.resolve().parent.is_dir():
-        raise InputError(
-            f"cannot create MLflow store {uri}: folder {database.resolve().parent} does not exist"
-        )
-    if urlparse(uri).scheme in {"http", "https"}:
-        try:
-            response = requests.get(
-                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                params={"max_results": 1},
-                timeout=timeout_s,
-                **_credentials(),
-            )
-        except requests.RequestException as error:
-            raise InputError(
-                f"MLflow tracking server {uri} is unreachable ({type(error).__name__})"
-            ) from None
-        if response.status_code in (401, 403):
-            raise InputError(
-                f"MLflow at {uri} refused the login (HTTP {response.status_code}): "
-                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            )
-        if response.status_code >= 500:
-            raise InputError(f"MLflow tracking server {uri} answered HTTP {response.status_code}")
-
-
-def _credentials() -> dict[str, Any]:
-    """The login MLflow's own client would send, from the same environment variables."""
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"auth": (user, password)}
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (sqlite:///rel.db, sqlite:////abs.db), else None."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+def recipe_flags(recipe: Recipe) -> dict[str, Any]:
+    """A recipe as the flags that give it: --recipe NAME, --schedule ..., each part."""
+    return {
+        "--recipe" if part == "name" else f"--{part.replace('_', '-')}": value
+        for part, value in recipe.to_record().items()
+    }
 
 
 def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from search.tracking.store import best_child_run, is_diverged, load_json_artifact, status_counts
 from trainables.checkpoint import ModelSpec
-from trainables.config import UNRECORDED_SCHEDULE, DataSettings, TrialConfig
+from trainables.config import DataSettings, TrialConfig
 from trainables.errors import InputError
 from trainables.names import (
     BEST_METRIC,
@@ -23,9 +23,11 @@ from trainables.names import (
     SWEEP_SETTINGS_ARTIFACT,
     SWEEP_TAG,
 )
+from trainables.recipe import Recipe
 from trainables.stats import wilson_interval
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: training.recipe, every part of it; 1 held only training.schedule
+READABLE_VERSIONS = (1, 2)
 
 # How the flat TrialConfig is grouped in the file; together the groups name every field once.
 MODEL_FIELDS = ("model", "channel_1", "channel_2", "kernel_1", "kernel_2")
@@ -42,7 +44,7 @@ class BestTrial:
     spec: ModelSpec  # config, input shape, classes, normalization
     epochs: int  # what the trial trained for at most
     seed: int
-    schedule: str  # its learning rate over those epochs (trainables.recipe.sweep_recipe)
+    recipe: Recipe  # how the trials trained over those epochs
     data: DataSettings
     val_acc: float
     tracking_uri: str
@@ -67,7 +69,7 @@ class BestTrial:
                 **{name: config[name] for name in TRAINING_FIELDS},
                 "epochs": self.epochs,
                 "seed": self.seed,
-                "schedule": self.schedule,
+                "recipe": self.recipe.to_record(),
             },
             "data": {
                 **asdict(self.data),
@@ -86,10 +88,9 @@ class BestTrial:
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> BestTrial:
         version = values.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise InputError(
-                f"schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
-            )
+        if version not in READABLE_VERSIONS:
+            readable = ", ".join(map(str, READABLE_VERSIONS))
+            raise InputError(f"schema_version {version!r} is not supported (this version reads {readable})")
         try:
             model, optimizer, training = values["model"], values["optimizer"], values["training"]
             config = {name: model[name] for name in MODEL_FIELDS}
@@ -112,7 +113,8 @@ class BestTrial:
                 spec=spec,
                 epochs=int(training["epochs"]),
                 seed=int(training["seed"]),
-                schedule=str(training.get("schedule", UNRECORDED_SCHEDULE)),
+                # Version 1 recorded the schedule alone, of the assignment's training.
+                recipe=Recipe.from_record(training.get("recipe") or {"schedule": training.get("schedule")}),
                 data=DataSettings(**data),
                 val_acc=float(values[METRIC]),
                 tracking_uri=str(values["mlflow"]["tracking_uri"]),
@@ -146,7 +148,7 @@ def best_trial(client: MlflowClient, parent: Run, children: list[Run]) -> BestTr
         spec=spec,
         epochs=int(settings["epochs"]),
         seed=int(settings["seed"]),
-        schedule=str(settings.get("schedule", UNRECORDED_SCHEDULE)),
+        recipe=Recipe.from_params(settings),
         data=data,
         val_acc=best.data.metrics[BEST_METRIC],
         tracking_uri=client.tracking_uri,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import tune
 
-from search.sweep.storage import StoredFile, is_uri, trial_results
+from search.storage import StoredFile, is_uri, trial_results
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import TRACKING_ERRORS
 from search.tracking.writer import (
@@ -32,7 +32,7 @@ from search.tracking.writer import (
     TagTrial,
 )
 from spaces import get_space
-from trainables.config import TrialConfig
+from trainables.config import trial_config
 from trainables.names import (
     DIVERGED,
     EPOCH,
@@ -72,15 +72,17 @@ def run_name(trial: Any, space: str) -> str:
     The number is the order Tune created the trial in (the start of its experiment
     tag), which a resume keeps: the name is unique in its sweep, and stable.
     """
-    searched = get_space(space).searched_values(TrialConfig.from_dict(trial.config))
+    config, final_of = trial_config(trial.config)
+    searched = get_space(space).searched_values(config)
     number = int(trial.experiment_tag.split("_", 1)[0])
-    return " ".join([f"{number:03d}", *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
+    label = [f"{number:03d}", "final"] if final_of is not None else [f"{number:03d}"]
+    return " ".join([*label, *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
 
 
 def run_params(trial: Any, space: str) -> dict[str, Any]:
     """The trial's MLflow params: its config, and the values its space searched where the config
     holds them only derived (nesterov's effective_step), so the MLflow UI sorts and plots by them."""
-    searched = get_space(space).searched_values(TrialConfig.from_dict(trial.config))
+    searched = get_space(space).searched_values(trial_config(trial.config)[0])
     return {**searched, **trial.config}
 
 

@@ -1,7 +1,7 @@
 """Earlier sweeps' finished trials, read back from MLflow, for a new sweep to start from (warm start).
 
 Only trials that are comparable: same experiment and space, the same images and
-split, the same fidelity (epochs, rungs) and learning-rate schedule, trained to the end. Their configs and
+split, the same fidelity (epochs, rungs) and recipe, trained to the end. Their configs and
 final validation accuracies; whether each fits the space's current ranges is the
 searcher's question.
 """
@@ -15,13 +15,14 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from search.tracking.store import child_runs, is_diverged
-from trainables.config import UNRECORDED_SCHEDULE, TrialConfig
+from trainables.config import FINAL_OF, TrialConfig
 from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
+from trainables.recipe import Recipe
 
 # The parent-run params that must match for two sweeps' trials to be comparable.
 COMPARABLE_PARAMS = (
     "data_source", "data_val_size", "data_max_train_images", "data_seed", "epochs", "scheduler", "rungs",
-    "reduction_factor", "schedule",
+    "reduction_factor", "top_rung",
 )  # fmt: skip
 
 
@@ -33,25 +34,34 @@ class PastTrial:
 
 
 def finished_trials(
-    client: MlflowClient, experiment_id: str, space: str, sweep: str, params: Mapping[str, Any]
+    client: MlflowClient,
+    experiment_id: str,
+    space: str,
+    sweep: str,
+    params: Mapping[str, Any],
+    complete_at: float,  # the epochs after which a trial of the search has trained to its end
 ) -> list[PastTrial]:
     """The trials of the experiment's other sweeps of this space, comparable to this sweep's, that
-    trained to the end, oldest sweep first."""
+    trained to the search's end, oldest sweep first. A final trial (--top-rung best) is not one:
+    it trained past the search, at another fidelity."""
     query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}' and tags.{SPACE_TAG} = '{space}'"
     parents = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
     wanted = {name: str(params[name]) for name in COMPARABLE_PARAMS}
+    recipe = Recipe.from_params(params)
     trials = []
     for parent in parents:
         if parent.data.tags.get(SWEEP_TAG) == sweep:
             continue
-        recorded = {"schedule": UNRECORDED_SCHEDULE, **parent.data.params}  # older sweeps lack it
+        recorded = {"top_rung": "asha", **parent.data.params}  # older sweeps lack it
         if any(recorded.get(name) != value for name, value in wanted.items()):
             continue
+        if Recipe.from_params(recorded) != recipe:  # an older sweep's: from the schedule it recorded
+            continue
         for run in child_runs(client, parent):
-            if run.info.status != "FINISHED" or METRIC not in run.data.metrics:
+            if run.info.status != "FINISHED" or METRIC not in run.data.metrics or FINAL_OF in run.data.params:
                 continue
             trained_through = run.data.metrics.get(EPOCH, 0)
-            if not is_diverged(run) and trained_through < float(params["epochs"]) - 1e-9:
+            if not is_diverged(run) and trained_through < complete_at - 1e-9:
                 continue  # stopped at a lower rung: not a final score
             value = 0.0 if is_diverged(run) else run.data.metrics[METRIC]
             trials.append(

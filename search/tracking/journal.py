@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from search.sweep.storage import StoredFile
+from search.storage import StoredFile
 from search.tracking.store import TRACKING_ERRORS
 from search.tracking.writer import MlflowWriter, Operation
 from trainables.errors import first_line

@@ -5,28 +5,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
-import torch
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
 from search.tracking.best import BestTrial
+from search.tracking.models import TestResult, log_pytorch_model
 from search.tracking.store import ImageDataset, get_or_create_experiment, log_datasets
 from trainables.checkpoint import ModelSpec
 from trainables.config import DataSettings
 from trainables.names import (
     BEST_JSON,
     CONFUSION_PNG,
-    MODEL_ARTIFACT,
     PER_CLASS_JSON,
     PER_CLASS_MD,
     RETRAIN_ROLE,
@@ -36,8 +31,6 @@ from trainables.names import (
     SPACE_TAG,
     SPEC_FILE,
     SWEEP_TAG,
-    TEST_ACC,
-    TEST_LOSS,
 )
 
 
@@ -102,15 +95,9 @@ class RetrainRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         mlflow.log_metrics(dict(metrics), step=step)
 
-    def log_test(self, tested: TestResult, low: float, high: float, step: int) -> None:
+    def log_test(self, tested: TestResult, step: int) -> None:
         """Test accuracy with its 95% interval, the accuracy of each class, the confusion matrix."""
-        metrics = {
-            TEST_ACC: tested.accuracy,
-            f"{TEST_ACC}_low": low,
-            f"{TEST_ACC}_high": high,
-            TEST_LOSS: tested.loss,
-        }
-        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics(tested.metrics(), step=step)
         mlflow.log_dict(tested.per_class(), PER_CLASS_JSON)
         mlflow.log_text(tested.per_class_markdown(), PER_CLASS_MD)
         figure = tested.confusion_figure()
@@ -119,71 +106,6 @@ class RetrainRun:
     def log_model(self, module: nn.Module, spec: ModelSpec, example: Tensor, register: str | None) -> str:
         """The model in MLflow's pytorch flavor, with its signature and an input example; registered
         when named."""
-        with torch.no_grad():
-            signature = infer_signature(example.numpy(), module(example).numpy())
-        with warnings.catch_warnings():  # torch.export's notes on how MLflow packs the weights
-            warnings.simplefilter("ignore")
-            info: Any = mlflow.pytorch.log_model(
-                module,
-                name=MODEL_ARTIFACT,
-                signature=signature,
-                input_example=example.numpy(),
-                registered_model_name=register,
-            )
+        info = log_pytorch_model(module, example, register)
         mlflow.log_dict(spec.to_dict(), SPEC_FILE)
         return info.model_uri
-
-
-class TestResult:
-    """A model's scores on the test images: accuracy, loss, each class's accuracy, the confusion matrix."""
-
-    def __init__(self, scores: Tensor, labels: Tensor, classes: tuple[str, ...]) -> None:
-        self.classes = classes
-        self.labels = labels
-        self.predicted = scores.argmax(dim=1)
-        self.loss = float(torch.nn.functional.cross_entropy(scores.float(), labels))
-        self.accuracy = float((self.predicted == labels).float().mean())
-        count = len(classes)
-        self.confusion = torch.bincount(labels * count + self.predicted, minlength=count * count).view(
-            count, count
-        )
-
-    def per_class(self) -> dict[str, float]:
-        hits, totals = self.confusion.diagonal(), self.confusion.sum(dim=1).clamp_min(1)
-        return {name: float(hit / total) for name, hit, total in zip(self.classes, hits, totals, strict=True)}
-
-    def per_class_markdown(self) -> str:
-        totals = self.confusion.sum(dim=1).tolist()
-        rows = ["| class | test images | accuracy |", "|---|---|---|"]
-        rows += [
-            f"| {name} | {total} | {accuracy:.4f} |"
-            for (name, accuracy), total in zip(self.per_class().items(), totals, strict=True)
-        ]
-        return "\n".join(rows) + "\n"
-
-    def confusion_figure(self) -> Figure:
-        """Rows: the true class; columns: the predicted one; each cell the share of its row."""
-        shares = (self.confusion / self.confusion.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
-        figure = Figure(figsize=(7, 6), layout="constrained")
-        axes = figure.add_subplot()
-        image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        figure.colorbar(image, ax=axes, label="share of the true class")
-        ticks = range(len(self.classes))
-        axes.set_xticks(ticks, self.classes, rotation=45, ha="right")
-        axes.set_yticks(ticks, self.classes)
-        axes.set_xlabel("predicted")
-        axes.set_ylabel("true")
-        for row in ticks:
-            for column in ticks:
-                color = "white" if shares[row, column] > 0.5 else "black"
-                axes.text(
-                    column,
-                    row,
-                    f"{shares[row, column]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color=color,
-                )
-        axes.set_title(f"Test accuracy {self.accuracy:.4f} on {len(self.labels)} images")
-        return figure

@@ -27,11 +27,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-from search.sweep.settings import check_tracking_uri, sqlite_file
-from trainables.config import CIFAR10, DataSettings, TrialConfig
+from search.tracking.uri import check_tracking_uri, sqlite_file
+from trainables.config import CIFAR10, FINAL_OF, DataSettings, TrialConfig
 from trainables.errors import InputError
 from trainables.names import (
     BEST_METRIC,
+    CHECKPOINT_ARTIFACT,
     DIVERGED,
     REPORTED_METRICS,
     ROLE_TAG,
@@ -81,6 +82,49 @@ def find_sweep_run(client: MlflowClient, experiment_id: str, sweep: str | None) 
         query += f" and tags.{SWEEP_TAG} = '{sweep}'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    """A sweep as MLflow holds it: its parent run and its trials' runs, and the client that read them."""
+
+    client: MlflowClient
+    parent: Run
+    children: list[Run]
+
+
+def find_sweep(tracking_uri: str, experiment: str, sweep: str | None) -> SweepRuns:
+    """The named sweep (default: the experiment's latest), for a reader: a store, an experiment or a
+    sweep that is not there is refused in one line."""
+    client = MlflowClient(check_store_exists(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise InputError(f"no experiment {experiment!r} in {tracking_uri} (known: {known})")
+    parent = find_sweep_run(client, found.experiment_id, sweep)
+    if parent is None:
+        raise InputError(f"no sweep {sweep or ''} in experiment {experiment!r}".replace("  ", " "))
+    return SweepRuns(client, parent, child_runs(client, parent))
+
+
+def read_sweep(tracking_uri: str, parent_run_id: str) -> SweepRuns:
+    """A sweep that has run, by its parent run's id."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return SweepRuns(client, parent, child_runs(client, parent))
+
+
+def first_logged_s(client: MlflowClient, run_id: str, metric: str) -> float:
+    """When a run first logged a metric, in seconds since the epoch."""
+    return client.get_metric_history(run_id, metric)[0].timestamp / 1000
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, directory: Path) -> Path:
+    """A trial's best checkpoint, downloaded into the directory: the folder that holds its files."""
+    try:
+        return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(directory)))
+    except MlflowException:
+        raise InputError(f"run {run_id} has no {CHECKPOINT_ARTIFACT}/ artifact to register") from None
 
 
 @dataclass(frozen=True)
@@ -179,11 +223,15 @@ def child_runs(client: MlflowClient, parent_run: Run) -> list[Run]:
 
 
 def best_child_run(children: list[Run]) -> Run | None:
-    """The child with the highest best-epoch accuracy (the epoch whose checkpoint was kept).
+    """The child with the highest best-epoch accuracy (the epoch whose checkpoint was kept); in a
+    sweep with a final trial (--top-rung best), that trial: the search's best, trained to the end,
+    is the sweep's model, whatever a trial stopped at a lower rung scored on the validation images.
 
     Ties go to the trial that started first, so the answer never depends on listing order.
     """
     ranked = [run for run in children if BEST_METRIC in run.data.metrics]
+    finals = [run for run in ranked if FINAL_OF in run.data.params]
+    ranked = finals or ranked
     return max(ranked, key=lambda run: (run.data.metrics[BEST_METRIC], -run.info.start_time), default=None)
 
 
