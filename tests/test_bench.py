@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from search import bench
+from search.bench.__main__ import main as bench_main
 from trainables.config import TrialConfig
 from trainables.loop import resolve_precision
 from trainables.model import training_flops_per_image
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_benchmark_prints_its_figures_as_json(image_folder, tmp_path, capsys):
-    code = bench.main(
+    code = bench_main(
         ["--data", str(image_folder), "--data-root", str(tmp_path), "--device", "cpu"]
         + ["--val-size", "9", "--sweep-trials", "2", "--sections", "epochs,parallel,accuracy,sweeps"]
         + ["--accuracy-seeds", "2", "--json"]

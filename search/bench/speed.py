@@ -1,4 +1,5 @@
-"""`python -m search.bench`: how fast a trial trains, against the tutorial pipeline and the machine.
+"""`python -m search.bench`, its default sections: how fast a trial trains, against the tutorial
+pipeline and the machine.
 
 In one run, on one device, with the same data (the assignment's Part IV model and
 settings, batch 64), each section measures side by side:
@@ -23,12 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,32 +37,20 @@ from typing import Any
 import ray
 import torch
 import torch.nn.functional as F
-from mlflow.tracking import MlflowClient
 
-from search.cli import (
-    EXIT_OK,
-    OneLineParser,
-    add_data_options,
-    data_settings,
-    default,
-    non_negative_int,
-    positive_int,
-    run_command,
-)
-from search.search_bench import AUDIT_IMAGES, STRATEGIES, run_search_benchmark
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
-from search.tracking.store import child_runs
+from search.tracking.store import first_logged_s, open_store, read_sweep
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
-from trainables.config import CIFAR10, PRECISIONS, DataSettings, TrialConfig
+from trainables.config import CIFAR10, DataSettings, TrialConfig
 from trainables.data import ImageSplits, load_splits, split_indices
 from trainables.errors import InputError
 from trainables.loop import Training, resolve_precision
 from trainables.model import build_model, build_optimizer, training_flops_per_image
+from trainables.names import EPOCH_TIME_S
 from trainables.trainable import TrialSettings
 
-PROG = "search.bench"
 PART_IV = TrialConfig()  # the defaults are the assignment's Part IV settings
 SECTIONS = ("epochs", "parallel", "accuracy", "sweeps")
 DEFAULT_SECTIONS = "epochs,parallel,sweeps"
@@ -226,7 +213,7 @@ def measure_rung_reports(
     at each) against reporting at the epoch's end only: alternated, each one's best epoch kept."""
     epoch_images = len(splits.train_labels)
     sweep = SweepSettings(space="nesterov")  # the default's rungs; no space changes them
-    trial = TrialSettings(max_epochs=1, seed=seed, schedule=sweep.schedule, rungs=sweep.rung_fractions)
+    trial = TrialSettings(max_epochs=1, seed=seed, recipe=sweep.recipe, rungs=sweep.rung_fractions)
     points = {"end": [epoch_images], "rungs": trial.report_points(epoch_images)}
     seconds: dict[str, list[float]] = {name: [] for name in points}
     for _ in range(repeats):
@@ -335,17 +322,17 @@ def sweep_timing(
             output="quiet",  # the benchmark prints its own figures
         )
         started = time.perf_counter()
-        MlflowClient(settings.tracking_uri).search_experiments()  # creates the SQLite store
+        open_store(settings.tracking_uri)  # creates the SQLite store
         store_create_s = time.perf_counter() - started
         started = time.perf_counter()
         outcome = run_sweep(settings)
         wall = time.perf_counter() - started
-        client = MlflowClient(outcome.tracking_uri)
-        runs = child_runs(client, client.get_run(outcome.parent_run_id))
+        sweep = read_sweep(outcome.tracking_uri, outcome.parent_run_id)
+        runs = sweep.children
         epoch_times, startups, spans = [], [], []
         for run in runs:
-            epoch_time = run.data.metrics["epoch_time_s"]
-            first_report = client.get_metric_history(run.info.run_id, "epoch_time_s")[0].timestamp / 1000
+            epoch_time = run.data.metrics[EPOCH_TIME_S]
+            first_report = first_logged_s(sweep.client, run.info.run_id, EPOCH_TIME_S)
             epoch_times.append(epoch_time)
             startups.append(first_report - run.info.start_time / 1000 - epoch_time)
             spans.append((first_report - epoch_time, first_report))  # when it trained
@@ -388,18 +375,6 @@ def measure_sweeps(
     return figures
 
 
-def _seeds(text: str) -> list[int]:
-    return [int(non_negative_int(part)) for part in text.split(",")]
-
-
-def _sections(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in SECTIONS]
-    if unknown:
-        raise InputError(f"unknown --sections {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-    return names
-
-
 def _processor_name() -> str:
     """The processor's model name, from Linux's /proc/cpuinfo; the platform's answer elsewhere."""
     with contextlib.suppress(OSError):
@@ -409,56 +384,21 @@ def _processor_name() -> str:
     return platform.processor() or "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_data_options(parser)
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is one")
-    parser.add_argument(
-        "--sections", default=DEFAULT_SECTIONS, help=f"comma-separated, of {', '.join(SECTIONS)}"
-    )
-    parser.add_argument(
-        "--repeats", type=positive_int, default=2, help="epochs of each pipeline, alternated (default: 2)"
-    )
-    parser.add_argument("--accuracy-seeds", type=positive_int, default=3, help="seeds of the accuracy check")
-    parser.add_argument("--sweep-trials", type=positive_int, default=4, help="trials of the timed sweep")
-    parser.add_argument(
-        "--sweep-space",
-        default="sgd",
-        help="space of the timed sweep (default sgd: fixed widths, even trials)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=default(SweepSettings, "precision"),
-        help="of the speedup figure, the parallel trials and the sweep (the epochs time both)",
-    )
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=default(SweepSettings, "seed"), help="of all"
-    )
-    parser.add_argument("--json", action="store_true", help="end with one line of JSON")
-    search = parser.add_argument_group("the search benchmark (instead of the sections)")
-    search.add_argument("--search", action="store_true", help="compare search strategies at equal compute")
-    search.add_argument("--search-seeds", type=_seeds, default="0,1,2", help="comma-separated")
-    search.add_argument(
-        "--audit-images", type=positive_int, default=AUDIT_IMAGES, help="held out of every sweep"
-    )
-    search.add_argument("--out", type=Path, default=Path("."), help="where its table (JSON) and plot go")
-    args = parser.parse_args(argv)
-    if args.search:
-        data = data_settings(args, seed=args.seed)
-        figures = run_search_benchmark(data, args.search_seeds, STRATEGIES, args.out, args.audit_images)
-        if args.json:
-            print(json.dumps(figures))
-        return EXIT_OK
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but torch sees no CUDA device")
-    sections = _sections(args.sections)
+def run_speed_benchmark(
+    data: DataSettings,
+    device: torch.device,
+    sections: list[str],
+    repeats: int,
+    seed: int,
+    precision: str,
+    accuracy_seeds: int,
+    sweep_space: str,
+    sweep_trials: int,
+) -> dict[str, Any]:
+    """The sections asked for, on one device and the same data: their figures, printed as they come."""
     if "parallel" in sections and device.type != "cpu":
         raise InputError("--sections parallel times one-thread CPU trials: it needs --device cpu")
-    get_space(args.sweep_space)  # an unknown space fails now, not after the epochs
-    data = data_settings(args, seed=args.seed)
+    get_space(sweep_space)  # an unknown space fails now, not after the epochs
     splits = load_splits(data)
     figures: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
@@ -468,20 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         "train_images": len(splits.train_labels),
     }
     if "epochs" in sections:
-        figures.update(measure_epochs(data, splits, device, args.repeats, args.seed, args.precision))
-        figures.update(measure_rung_reports(splits, device, args.repeats, args.seed, args.precision))
+        figures.update(measure_epochs(data, splits, device, repeats, seed, precision))
+        figures.update(measure_rung_reports(splits, device, repeats, seed, precision))
     if "parallel" in sections:
-        figures.update(measure_parallel(splits, args.seed, args.precision))
+        figures.update(measure_parallel(splits, seed, precision))
     if "accuracy" in sections:
-        figures.update(measure_accuracy(splits, device, args.accuracy_seeds))
+        figures.update(measure_accuracy(splits, device, accuracy_seeds))
     if "sweeps" in sections:
-        train_images = len(splits.train_labels)
-        sweep = (args.sweep_space, args.sweep_trials, args.seed, train_images, args.precision)
-        figures.update(measure_sweeps(data, *sweep))
-    if args.json:
-        print(json.dumps(figures))
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    run_command(PROG, lambda: main(sys.argv[1:]))
+        figures.update(
+            measure_sweeps(data, sweep_space, sweep_trials, seed, len(splits.train_labels), precision)
+        )
+    return figures

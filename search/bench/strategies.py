@@ -16,8 +16,8 @@ scored on the audit split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -27,33 +27,27 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 from optuna.distributions import distribution_to_json
 
+from search.bench.audit import AUDIT_SEED, KeptResults, hold_out_audit
 from search.cli import default
 from search.sweep.engine import run_sweep, start_ray
 from search.sweep.settings import SweepSettings
-from search.sweep.storage import StoredFile
-from search.tracking.store import best_child_run, child_runs
+from search.tracking.store import best_child_run, read_sweep
 from spaces import get_space
 from trainables.checkpoint import ModelSpec
 from trainables.config import DataSettings, TrialConfig
 from trainables.data import (
     ImageSplits,
     LabeledImages,
-    list_images,
-    load_images,
     load_splits,
-    stratified_split,
 )
 from trainables.loop import Training
 from trainables.names import BEST_METRIC, EPOCH, METRIC, TRAIN_TFLOP
-from trainables.recipe import sweep_recipe
+from trainables.recipe import ASSIGNMENT, Recipe
 from trainables.stats import wilson_interval
 
 SPACE = "nesterov"  # Part IV, the space a user sweeps first
-AUDIT_IMAGES = 5000  # the default of --audit-images
-AUDIT_SEED = 20261127  # the audit split is the same for every strategy and seed
 RETRAIN_SEED_OFFSET = 1000  # the pick is trained again from other initial weights and batch order
 
 
@@ -70,14 +64,20 @@ class Strategy:
     @property
     def is_default(self) -> bool:
         """Whether this is what `search.run` does unless told otherwise."""
-        own = tuple(default(SweepSettings, name) for name in ("sampler", "rungs", "schedule"))
+        defaults = SweepSettings(space=SPACE)
+        own = (defaults.sampler, defaults.rungs, defaults.recipe.schedule)
         return (self.sampler, self.rungs, self.schedule) == own and not self.matches_default_compute
+
+    @property
+    def recipe(self) -> Recipe:
+        """The assignment's training at the strategy's schedule."""
+        return dataclasses.replace(ASSIGNMENT, schedule=self.schedule)
 
 
 BASELINE_MOST_TRIALS = 200  # far more than a baseline's compute buys: its budget ends it
 # What ran before rungs within the epoch: one-epoch trials at the assignment's constant rate, ASHA
 # deciding at epoch ends only (so, with one epoch, never). Each gets the compute that the default spends.
-_SAMPLER, _RUNGS = default(SweepSettings, "sampler"), default(SweepSettings, "rungs")
+_SAMPLER, _RUNGS = default(SweepSettings, "sampler"), SweepSettings(space=SPACE).rungs
 STRATEGIES = (  # the names key the kept sweeps: docs/search_benchmark_sweeps.json has these
     Strategy("GP, rungs within the epoch, one cycle", _SAMPLER, _RUNGS, "onecycle", False),
     Strategy(
@@ -123,9 +123,9 @@ def run_search_benchmark(
             for name, distribution in get_space(SPACE).distributions().items()
         },
     }
-    record = SweepRecord(out / "search_benchmark_sweeps.json", conditions)
+    record = KeptResults(out / "search_benchmark_sweeps.json", conditions)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as links:
-        audit, sweep_folder = _hold_out_audit(data, audit_images, Path(links))
+        audit, sweep_folder = hold_out_audit(data, audit_images, Path(links))
         results = _sweep_each(strategies, seeds, data, audit, sweep_folder, record)
     figures = _table(results, strategies, seeds, data.val_size, audit_images)
     _plot_curves(results, strategies).savefig(out / "search_benchmark.png", dpi=100)
@@ -135,43 +135,13 @@ def run_search_benchmark(
     return figures
 
 
-class SweepRecord:
-    """The sweeps measured so far under one set of conditions, kept in a JSON file."""
-
-    def __init__(self, path: Path, conditions: dict[str, Any]) -> None:
-        self.file = StoredFile(str(path))
-        self.conditions = json.loads(json.dumps(conditions))  # as it reads back from the file
-        self.results: list[SweepResult] = []
-        if self.file.exists():
-            kept = json.loads(self.file.read_text())
-            if kept.get("conditions") == self.conditions:
-                for sweep in kept["sweeps"]:
-                    sweep["curve"] = [tuple(point) for point in sweep["curve"]]
-                    self.results.append(SweepResult(**sweep))
-                print(f"Reusing {len(self.results)} sweeps measured before, from {path}")
-            else:
-                print(f"Not reusing {path}: it was measured under other conditions")
-
-    def find(self, strategy: Strategy, seed: int, budget: float) -> SweepResult | None:
-        """The strategy's sweep with this seed and compute budget (a baseline's, the default's spend)."""
-        wanted = (strategy.name, seed, budget)
-        return next((r for r in self.results if (r.strategy, r.seed, r.compute_budget) == wanted), None)
-
-    def add(self, result: SweepResult) -> None:
-        self.results.append(result)
-        # Atomically: a stop while writing leaves the last good file.
-        self.file.write_text_atomically(
-            json.dumps({"conditions": self.conditions, "sweeps": [asdict(r) for r in self.results]}, indent=2)
-        )
-
-
 def _sweep_each(
     strategies: tuple[Strategy, ...],
     seeds: list[int],
     data: DataSettings,
     audit: LabeledImages,
     sweep_folder: Path,
-    record: SweepRecord,
+    record: KeptResults,
 ) -> list[SweepResult]:
     sweep_data = DataSettings(
         source=str(sweep_folder),
@@ -179,7 +149,6 @@ def _sweep_each(
         val_size=data.val_size,
         max_train_images=data.max_train_images,
     )
-    print(f"Audit split: {len(audit.labels)} images held out; sweeps see the other {_count(sweep_folder)}")
     results = []
     owns_ray = start_ray(address=None, output="quiet")
     try:
@@ -192,10 +161,12 @@ def _sweep_each(
                     budget = default_spent
                 else:
                     budget = SweepSettings(space=SPACE).compute_budget
-                result = record.find(strategy, seed, budget)
-                if result is None:
+                kept = record.find(strategy=strategy.name, seed=seed, compute_budget=budget)
+                if kept is None:
                     result = _sweep_and_audit(strategy, seed, budget, sweep_data, audit)
-                    record.add(result)
+                    record.add(asdict(result))
+                else:
+                    result = SweepResult(**{**kept, "curve": [tuple(point) for point in kept["curve"]]})
                 if strategy.is_default:
                     default_spent = result.tflop_spent
                 results.append(result)
@@ -213,25 +184,6 @@ def _sweep_each(
     return results
 
 
-def _hold_out_audit(data: DataSettings, audit_images: int, links: Path) -> tuple[LabeledImages, Path]:
-    """The audit images (in memory), and a folder of links to all the others for the sweeps."""
-    images = load_images(data, "train")  # the same files, in the same order, as list_images gives
-    audit_index, _ = stratified_split(images.labels, audit_images, AUDIT_SEED)
-    audited = set(audit_index.tolist())
-    folder = links / "images"
-    for index, (_, path) in enumerate(list_images(Path(data.source) / "train").files):
-        if index not in audited:
-            target = folder / "train" / Path(path).parent.name / Path(path).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(path, target)
-    audit = LabeledImages(images.images[audit_index], images.labels[audit_index], images.classes, "audit")
-    return audit, folder
-
-
-def _count(folder: Path) -> int:
-    return sum(1 for _ in (folder / "train").rglob("*.*"))
-
-
 def _sweep_and_audit(
     strategy: Strategy, seed: int, budget: float, data: DataSettings, audit: LabeledImages
 ) -> SweepResult:
@@ -245,7 +197,7 @@ def _sweep_and_audit(
             compute_budget_tflop=budget,
             rungs=strategy.rungs,
             sampler=strategy.sampler,
-            schedule=strategy.schedule,
+            recipe=strategy.recipe,
             warm_start=False,  # each sweep starts from nothing: a fair comparison
             seed=seed,
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
@@ -256,8 +208,7 @@ def _sweep_and_audit(
         started = time.perf_counter()
         outcome = run_sweep(settings)
         wall_s = time.perf_counter() - started
-        client = MlflowClient(settings.tracking_uri)
-        children = child_runs(client, client.get_run(outcome.parent_run_id))
+        children = read_sweep(settings.tracking_uri, outcome.parent_run_id).children
         pick = best_child_run(children)
         assert pick is not None, f"no trial of {settings.sweep_name} trained to the end"
         config = TrialConfig.from_params(pick.data.params)
@@ -269,7 +220,7 @@ def _sweep_and_audit(
             if BEST_METRIC in run.data.metrics:
                 best = max(best, run.data.metrics[BEST_METRIC])
             curve.append((tflop, best))
-    audit_accuracy = _audit(config, strategy.schedule, splits, audit, seed + RETRAIN_SEED_OFFSET)
+    audit_accuracy = _audit(config, strategy.recipe, splits, audit, seed + RETRAIN_SEED_OFFSET)
     return SweepResult(
         strategy=strategy.name,
         seed=seed,
@@ -285,7 +236,9 @@ def _sweep_and_audit(
     )
 
 
-def _audit(config: TrialConfig, schedule: str, splits: ImageSplits, audit: LabeledImages, seed: int) -> float:
+def _audit(
+    config: TrialConfig, recipe: Recipe, splits: ImageSplits, audit: LabeledImages, seed: int
+) -> float:
     """The config trained for one epoch as its sweep trained it, on the sweep's training images,
     scored on the audit split."""
     audit_images = audit.images.contiguous(memory_format=torch.channels_last)
@@ -294,7 +247,7 @@ def _audit(config: TrialConfig, schedule: str, splits: ImageSplits, audit: Label
         splits.classes, splits.mean, splits.std, "audit",
     )  # fmt: skip
     spec = ModelSpec(config, audited.input_shape, audited.classes, audited.mean, audited.std)
-    training = Training(spec, audited, seed, torch.device("cpu"), recipe=sweep_recipe(schedule), epochs=1)
+    training = Training(spec, audited, seed, torch.device("cpu"), recipe=recipe, epochs=1)
     (report,) = training.epochs(1, 1)
     return 0.0 if report.diverged or report.val is None else report.val.accuracy
 
