@@ -45,7 +45,6 @@ from trainables.stats import wilson_interval
 
 SPACE = "nesterov"  # Part IV, the space a user sweeps first
 FINAL_EPOCHS = 10  # the default of --final-epochs: see the README for why not 20
-MOST_TRIALS = 200  # far more than a final-budget sweep's compute buys: its budget ends it
 TODAY, FINAL_GP, FINAL_RANDOM = "today", "final-budget GP", "final-budget random"
 PIPELINES = (TODAY, FINAL_GP, FINAL_RANDOM)
 
@@ -66,6 +65,7 @@ class PipelineResult:
     pick: dict[str, Any]  # the final model's config
     pick_val_accuracy: float  # as its sweep scored it
     compute_budget: float  # TFLOP: the sweep's --compute-budget
+    settings: dict[str, Any]  # what makes the pipeline what it is: its sweep's identity, its retrain's recipe
 
 
 def run_final_benchmark(
@@ -77,8 +77,6 @@ def run_final_benchmark(
         "audit_images": audit_images,
         "audit_seed": AUDIT_SEED,
         "final_epochs": epochs,
-        "today": SweepSettings(space=SPACE).identity(),
-        "final": _final_budget_settings(data, 0, epochs, "gp", 1.0, Path(".")).identity(),
         "space": {
             name: distribution_to_json(distribution)
             for name, distribution in get_space(SPACE).distributions().items()
@@ -92,10 +90,17 @@ def run_final_benchmark(
             _, folder = hold_out_audit(data, audit_images, Path(links))
             sweep_data = dataclasses.replace(data, source=str(folder))
             for seed in seeds:
-                today = _kept(record, TODAY, seed) or _keep(record, _today(sweep_data, seed, epochs))
+                settings = _today_settings(sweep_data, seed, Path("."))
+                identity = _today_identity(settings)
+                today = _kept(record, TODAY, identity, settings.compute_budget) or _keep(
+                    record, _today(sweep_data, seed, epochs)
+                )
                 budget = today.total_tflop  # what the finals may spend: today's, sweep and retrain
                 for pipeline, sampler in ((FINAL_GP, "gp"), (FINAL_RANDOM, "random")):
-                    final = _kept(record, pipeline, seed, budget) or _keep(
+                    final_settings = _final_budget_settings(
+                        sweep_data, seed, epochs, sampler, budget, Path(".")
+                    )
+                    final = _kept(record, pipeline, _identity(final_settings), budget) or _keep(
                         record, _final_budget(pipeline, sweep_data, seed, epochs, sampler, budget)
                     )
                     results.append(final)
@@ -114,13 +119,11 @@ def run_final_benchmark(
 
 
 def _kept(
-    record: KeptResults, pipeline: str, seed: int, budget: float | None = None
+    record: KeptResults, pipeline: str, settings: dict[str, Any], budget: float
 ) -> PipelineResult | None:
-    """The pipeline's result on this seed (and compute budget), if one was kept."""
-    keys: dict[str, Any] = {"pipeline": pipeline, "seed": seed}
-    if budget is not None:
-        keys["compute_budget"] = budget
-    kept = record.find(**keys)
+    """The pipeline's result under these settings and compute budget, if one was kept: a change to one
+    pipeline's defaults leaves the others' results in use."""
+    kept = record.find(pipeline=pipeline, settings=json.loads(json.dumps(settings)), compute_budget=budget)
     if kept is None:
         return None
     result = PipelineResult(**kept)
@@ -152,19 +155,34 @@ def _sweep(settings: SweepSettings) -> tuple[SweepOutcome, SweepRuns, BestTrial,
     return outcome, sweep, best_trial(sweep.client, sweep.parent, sweep.children), wall_s
 
 
+def _today_settings(data: DataSettings, seed: int, workdir: Path) -> SweepSettings:
+    return SweepSettings(
+        space=SPACE,
+        data=dataclasses.replace(data, seed=seed),
+        seed=seed,
+        warm_start=False,  # each sweep starts from nothing: a fair comparison
+        tracking_uri=f"sqlite:///{workdir}/mlflow.db",
+        storage_path=f"{workdir}/ray",
+        name=f"today-{seed}",
+        output="quiet",
+    )
+
+
+def _identity(settings: SweepSettings) -> dict[str, Any]:
+    """What makes a pipeline's sweep what it is, but its folder of images: one for each run of the
+    benchmark, where the images are the conditions' own."""
+    return {flag: value for flag, value in settings.identity().items() if flag != "--data"}
+
+
+def _today_identity(settings: SweepSettings) -> dict[str, Any]:
+    """Today's pipeline: its sweep, and the recipe its retrain trains the pick with."""
+    return {**_identity(settings), "retrain": recipe_named("long", settings.recipe).to_record()}
+
+
 def _today(data: DataSettings, seed: int, epochs: int) -> PipelineResult:
     """The default one-epoch sweep, then its pick retrained with the long recipe on all its images."""
     with tempfile.TemporaryDirectory() as workdir:
-        settings = SweepSettings(
-            space=SPACE,
-            data=dataclasses.replace(data, seed=seed),
-            seed=seed,
-            warm_start=False,  # each sweep starts from nothing: a fair comparison
-            tracking_uri=f"sqlite:///{workdir}/mlflow.db",
-            storage_path=f"{workdir}/ray",
-            name=f"today-{seed}",
-            output="quiet",
-        )
+        settings = _today_settings(data, seed, Path(workdir))
         outcome, sweep, best, sweep_wall_s = _sweep(settings)
         recipe = recipe_named("long", best.recipe)
         started = time.perf_counter()
@@ -190,6 +208,7 @@ def _today(data: DataSettings, seed: int, epochs: int) -> PipelineResult:
         pick=spec.config.to_dict(),
         pick_val_accuracy=best.val_acc,
         compute_budget=settings.compute_budget,
+        settings=_today_identity(settings),
     )
 
 
@@ -202,8 +221,7 @@ def _final_budget_settings(
         epochs=epochs,
         recipe=LONG,
         top_rung="best",
-        sampler=sampler,
-        num_samples=MOST_TRIALS,
+        sampler=sampler,  # and search.run's own --num-samples: the budget ends it sooner
         compute_budget_tflop=budget,
         seed=seed,
         warm_start=False,
@@ -242,6 +260,7 @@ def _final_budget(
         pick=best.spec.config.to_dict(),
         pick_val_accuracy=best.val_acc,
         compute_budget=budget,
+        settings=_identity(settings),
     )
 
 
