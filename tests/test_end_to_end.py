@@ -180,10 +180,18 @@ def test_each_best_checkpoint_loads_in_plain_pytorch_and_rebuilds_the_model(swee
         assert state["epoch"] == max(at_ends, key=lambda epoch: (at_ends[epoch], -epoch))
 
 
+def ranked(sweep: dict) -> list:
+    """The trials that reached an epoch's end: only those have a checkpoint, and so a best."""
+    _, children = parent_and_children(sweep)
+    for child in children:
+        assert (BEST_METRIC in child.data.metrics) == (max(reported_epochs(sweep["uri"], child)) >= 1)
+    return [child for child in children if BEST_METRIC in child.data.metrics]
+
+
 def test_the_parent_holds_the_best_result_and_the_trial_table(sweep, tmp_path):
-    parents, children = parent_and_children(sweep)
+    parents, _ = parent_and_children(sweep)
     parent = parents[0]
-    assert parent.data.metrics[BEST_METRIC] == max(c.data.metrics[BEST_METRIC] for c in children)
+    assert parent.data.metrics[BEST_METRIC] == max(c.data.metrics[BEST_METRIC] for c in ranked(sweep))
     table_path = sweep["client"].download_artifacts(parent.info.run_id, TRIAL_TABLE_ARTIFACT, str(tmp_path))
     table = pq.read_table(table_path)
     assert table.num_rows == NUM_SAMPLES
@@ -191,7 +199,7 @@ def test_the_parent_holds_the_best_result_and_the_trial_table(sweep, tmp_path):
 
 
 def test_the_parent_explains_the_sweep_with_importance_plots_summary_and_best_config(sweep, tmp_path):
-    parents, children = parent_and_children(sweep)
+    parents, _ = parent_and_children(sweep)
     client, parent_id = sweep["client"], parents[0].info.run_id
     assert {item.path for item in client.list_artifacts(parent_id)} >= set(REPORT_FILES)
     folder = Path(client.download_artifacts(parent_id, "", str(tmp_path / "report")))
@@ -208,7 +216,7 @@ def test_the_parent_explains_the_sweep_with_importance_plots_summary_and_best_co
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
 
     summary = (folder / SUMMARY_MD).read_text()
-    best = max(children, key=lambda run: run.data.metrics[BEST_METRIC])
+    best = max(ranked(sweep), key=lambda run: run.data.metrics[BEST_METRIC])
     assert f"{best.data.metrics[BEST_METRIC]:.4f}" in summary and "## Hyperparameter importance" in summary
 
     exported = tmp_path / "exported.json"
@@ -226,7 +234,7 @@ def export_best(sweep: dict, folder: Path, *extra: str) -> Path:
 def test_export_writes_the_winning_trial_and_every_trial(sweep, tmp_path):
     best_path = export_best(sweep, tmp_path, "--trials", str(tmp_path / "trials.parquet"))
     best = json.loads(best_path.read_text())
-    _, children = parent_and_children(sweep)
+    children = ranked(sweep)
     top = max(run.data.metrics[BEST_METRIC] for run in children)
     winner = min((r for r in children if r.data.metrics[BEST_METRIC] == top), key=lambda r: r.info.start_time)
     assert best["schema_version"] == 2 and best["space"] == "nesterov" and best["sweep"] == "e2e"

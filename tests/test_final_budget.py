@@ -28,7 +28,7 @@ from trainables.config import FINAL_OF, DataSettings, TrialConfig
 from trainables.data import load_images
 from trainables.loop import Normalizer
 from trainables.model import training_flops_per_image
-from trainables.names import IMAGES_SEEN, LEARNING_RATE, METRIC, TEST_ACC, TRAIN_TFLOP, TRIAL_ID_TAG
+from trainables.names import LEARNING_RATE, METRIC, TEST_ACC, TRAIN_TFLOP, TRIAL_ID_TAG
 from trainables.recipe import LONG
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_a_search_trial_is_scored_after_a_decay_and_pays_for_it(final_sweep):
         if FINAL_OF in trial.data.params:
             continue
         config = TrialConfig.from_params(trial.data.params)
-        seen = max(point.value for point in client.get_metric_history(trial.info.run_id, IMAGES_SEEN))
+        seen = max(point.step for point in client.get_metric_history(trial.info.run_id, METRIC))  # images
         flops = training_flops_per_image(config, (3, 32, 32), 3)
         assert trial.data.metrics[TRAIN_TFLOP] > flops * seen / 1e12  # the decays' images too
 
@@ -176,6 +176,6 @@ def test_a_resume_with_another_recipe_is_refused_in_one_line(final_sweep):
                         cwd=final_sweep["workdir"])  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
-        "search.run: error: --resume cannot change what sweep final is: its --recipe was 'long', now "
-        "'assignment' (start a new sweep with another --name instead)"
+        f"search.run: error: --resume cannot change what sweep {final_sweep['settings'].sweep_name} is: its "
+        "--recipe was 'long', now 'assignment' (start a new sweep with another --name instead)"
     )

@@ -10,6 +10,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from search.sweep.scheduler import InOrderASHA
+from trainables.config import FINAL_OF
 from trainables.names import IMAGES_SEEN, METRIC
 
 RUNGS, END = [100, 300], 900  # a ninth and a third of a 900-image epoch
@@ -69,3 +70,25 @@ def test_a_retried_trial_is_not_judged_twice_at_a_rung():
     assert report(asha, trials[3], 100, 0.6) == TrialScheduler.CONTINUE
     asha.on_trial_add(None, trials[3])  # Tune adds a crashed trial again before it retries
     assert report(asha, trials[3], 100, 0.1) == TrialScheduler.CONTINUE  # its first verdict stands
+
+
+def test_in_a_sweep_of_many_epochs_a_trial_with_nothing_to_be_judged_against_stops_past_the_first_epoch():
+    """Going on blindly is cheap within the first epoch, and costs whole final runs beyond it."""
+    asha = InOrderASHA([100, 300], max_t=2700, reduction_factor=3, window=WINDOW, epoch_images=900)
+    trials = [Trial("train_convnet", stub=True) for _ in range(WINDOW)]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+    for trial in trials:  # the first window: nothing ended before them
+        assert report(asha, trial, 100, 0.5) == TrialScheduler.CONTINUE  # the next rung, 300: blindly on
+        assert report(asha, trial, 300, 0.5) == TrialScheduler.STOP  # the next point, 2700: not blindly
+
+
+def test_a_final_trial_goes_on_whatever_it_scores():
+    asha = InOrderASHA(RUNGS, max_t=300, reduction_factor=3, window=1, epoch_images=900)
+    trials = [Trial("train_convnet", stub=True, config=config) for config in ({}, {FINAL_OF: "t0"})]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+    assert report(asha, trials[0], 100, 0.9) == TrialScheduler.CONTINUE
+    assert report(asha, trials[0], 300, 0.9) == TrialScheduler.STOP  # the search's top
+    assert report(asha, trials[1], 100, 0.1) == TrialScheduler.CONTINUE  # below trial 0, and on
+    assert report(asha, trials[1], 900, 0.1) == TrialScheduler.CONTINUE  # past the search's top

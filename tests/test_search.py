@@ -16,6 +16,7 @@ from spaces import registry
 from spaces.registry import SearchSpace
 from trainables.config import DataSettings
 from trainables.names import TRAIN_TFLOP
+from trainables.recipe import AS_THE_ASSIGNMENT_TRAINED
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +123,12 @@ def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(
     )
     assert run_sweep(elsewhere).warm_start == 0  # another validation split: not comparable
     constant = sweep_of(
-        images, tmp_path, space="narrowing", num_samples=1, scheduler="fifo", schedule="constant", name="c"
+        images,
+        tmp_path,
+        space="narrowing",
+        num_samples=1,
+        scheduler="fifo",
+        recipe=AS_THE_ASSIGNMENT_TRAINED,
+        name="c",
     )
     assert run_sweep(constant).warm_start == 0  # trained at another learning-rate schedule: neither

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spaces import get_space, space_names
+from spaces.assignment import EFFECTIVE_STEP
 from trainables.config import TrialConfig
 from trainables.errors import InputError
 from trainables.model import build_model, build_optimizer
@@ -72,7 +73,7 @@ def test_the_spaces_use_the_assignments_model_styles():
 
 
 @pytest.mark.parametrize("momentum", [0.5, 0.7, 0.9, 0.95])
-@pytest.mark.parametrize("step", [0.006, 0.05])
+@pytest.mark.parametrize("step", EFFECTIVE_STEP)
 def test_a_config_on_the_edge_of_the_step_band_reads_back_inside_it(momentum, step):
     """GP often proposes a range's very edge; the step derived back from lr must stay in range, or
     the report's study and a warm start would refuse the trial."""
@@ -87,5 +88,5 @@ def test_a_config_on_the_edge_of_the_step_band_reads_back_inside_it(momentum, st
 
 def test_a_config_from_a_wider_band_still_reads_as_outside_it():
     space = get_space("nesterov")
-    config = TrialConfig(model="sequential", optimizer="nesterov", lr=0.08 * (1 - 0.5), momentum=0.5)
-    assert space.searched_values(config)["effective_step"] == pytest.approx(0.08)
+    config = TrialConfig(model="sequential", optimizer="nesterov", lr=0.3 * (1 - 0.5), momentum=0.5)
+    assert space.searched_values(config)["effective_step"] == pytest.approx(0.3)

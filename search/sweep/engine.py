@@ -272,10 +272,7 @@ def _sweep(
     full = next((error for error in tracker.errors if any(words in error for words in STORAGE_FULL)), None)
     outcome.storage_error = first_line(full.strip().splitlines()[-1]) if full else storage_error
     if settings.top_rung == "best" and outcome.final_trial is None and not outcome.interrupted:
-        outcome.no_final_reason = (
-            "no trial of the search was scored at a rung, or none can train to the end within what "
-            f"is left of the --compute-budget of {settings.compute_budget:g} TFLOP"
-        )
+        outcome.no_final_reason = "no trial of the search reached its first rung"
     if not outcome.interrupted and sum(outcome.trial_statuses.values()) < settings.num_samples:
         if deadline is not None and time.time() >= deadline:
             outcome.ended_by = f"its --time-budget of {settings.time_budget_s:g} s"
