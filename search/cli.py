@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from search.tracking.uri import is_mlflow_error
 from trainables.config import DataSettings
@@ -179,8 +181,55 @@ def data_settings(args: argparse.Namespace, seed: int) -> DataSettings:
     )
 
 
+# How a write fails once its reader is gone: a closed terminal (EIO), a pipe whose reader left
+# (EPIPE, as `| head` does), a log file on a full disk.
+OUTPUT_GONE = frozenset({errno.EIO, errno.EPIPE, errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+class SurvivingStream:
+    """stdout or stderr for a command that outlives its output: once a write finds the terminal,
+    pipe or disk gone, the stream's file descriptor is pointed at os.devnull, as under nohup, and the
+    command carries on to its own end. Ray's and MLflow's printing go through it too."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.gone: str | None = None  # why the output went away, once it has
+
+    def write(self, text: str) -> int:
+        self._guarded(self._stream.write, text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+    def _guarded(self, write: Callable[..., Any], *args: Any) -> None:
+        try:
+            write(*args)
+        except OSError as error:
+            if error.errno not in OUTPUT_GONE:
+                raise
+            self.gone = self.gone or os.strerror(error.errno)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # what the buffer still holds lands there too
+            os.close(devnull)
+            with contextlib.suppress(OSError):
+                self._stream.flush()
+
+
 def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
-    """Runs a command's main; bad input (exit 2) and MLflow failures (exit 3) become one line on stderr."""
+    """Runs a command's main; bad input (exit 2) and MLflow failures (exit 3) become one line on stderr.
+    Output that goes away (a closed terminal or pipe) is never fatal: see SurvivingStream."""
+    if sys.stdout is not None:  # None when started with stdout closed (`>&-`): print then does nothing
+        sys.stdout = SurvivingStream(sys.stdout)  # type: ignore[assignment]
+    if sys.stderr is not None:
+        sys.stderr = SurvivingStream(sys.stderr)  # type: ignore[assignment]
     try:
         code = main()
     except InputError as error:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlparse
 
 from search.cli import (
     EXIT_INTERRUPTED,
@@ -166,46 +168,93 @@ def _options_of(group: Any) -> Callable[..., Any]:
     return option
 
 
-def print_summary(outcome: SweepOutcome) -> None:
+def summary_lines(outcome: SweepOutcome) -> list[str]:
     counts = (
         ", ".join(f"{count} {status.lower()}" for status, count in sorted(outcome.trial_statuses.items()))
         or "no trial recorded yet"
     )
     diverged = f", {outcome.diverged} of them diverged" if outcome.diverged else ""
-    print(f"\nSweep {outcome.sweep}: {counts}{diverged}")
+    lines = ["", f"Sweep {outcome.sweep}: {counts}{diverged}"]
     budget = f" (budget {outcome.compute_budget:g})" if math.isfinite(outcome.compute_budget) else ""
-    print(f"Compute: {outcome.trained_tflop:.1f} TFLOP of training{budget}")
+    lines.append(f"Compute: {outcome.trained_tflop:.1f} TFLOP of training{budget}")
+    if outcome.closed_orphan is not None:
+        lines.append(
+            f"Closed run {outcome.closed_orphan} FAILED: an earlier parent of this name whose sweep "
+            "stopped before Tune saved any state (see its orphan tag)"
+        )
     if outcome.ended_by is not None:
-        print(f"Ended by {outcome.ended_by}: no trial started after it")
+        lines.append(f"Ended by {outcome.ended_by}: no trial started after it")
     if outcome.warm_start or outcome.warm_start_skipped:
         skipped = outcome.warm_start_skipped
         outside = f" ({skipped} skipped: outside the space's ranges)" if skipped else ""
-        print(f"Warm start: from {outcome.warm_start} finished trials of earlier sweeps{outside}")
+        lines.append(f"Warm start: from {outcome.warm_start} finished trials of earlier sweeps{outside}")
     if outcome.final_trial is not None:
-        print(f"Final trial: {outcome.final_trial}, the search's best trained to the end")
+        lines.append(f"Final trial: {outcome.final_trial}, the search's best trained to the end")
     elif outcome.no_final_reason:
-        print(f"No final trial: {outcome.no_final_reason}")
-    for run_name, error in outcome.failures.items():
-        print(f"  failed: {run_name}: {error}")
+        lines.append(f"No final trial: {outcome.no_final_reason}")
+    lines += [f"  failed: {run_name}: {error}" for run_name, error in outcome.failures.items()]
     if outcome.best_accuracy is None:
-        print(f"No best config: {outcome.no_best_reason}.")
+        lines.append(f"No best config: {outcome.no_best_reason}.")
     else:
         low, high = wilson_interval(outcome.best_accuracy, outcome.val_size)
-        print(
+        lines.append(
             f"Best {outcome.best_accuracy:.4f} validation accuracy (95% interval {low:.4f}-{high:.4f} on "
             f"{outcome.val_size} images), MLflow run {outcome.best_run_id}"
         )
-        print("Best config: " + ", ".join(f"{k}={v}" for k, v in sorted(outcome.best_config.items())))
-    print(
+        lines.append("Best config: " + ", ".join(f"{k}={v}" for k, v in sorted(outcome.best_config.items())))
+    lines.append(
         f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, "
         f"store {outcome.tracking_uri}"
     )
-    browse = ["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri]
     export = ["python", "-m", "search.export", "--experiment", outcome.experiment]
     export += ["--tracking-uri", outcome.tracking_uri, "--sweep", outcome.sweep, "--out", "best.json"]
-    print(f"  browse:  {shlex.join(browse)}")  # quoted: a path with a space pastes whole
+    lines.append(f"  browse:  {browse_command(outcome)}")
     if outcome.best_accuracy is not None:  # else export has nothing to write
-        print(f"  export:  {shlex.join(export)}")
+        lines.append(f"  export:  {shlex.join(export)}")  # quoted: a path with a space pastes whole
+    return lines
+
+
+def print_summary(outcome: SweepOutcome) -> None:
+    print("\n".join(summary_lines(outcome)))
+
+
+def browse_command(outcome: SweepOutcome) -> str:
+    """A tracking server is its own UI: its page of the sweep. A store on disk needs `mlflow ui`."""
+    if urlparse(outcome.tracking_uri).scheme in {"http", "https"}:
+        experiment = f"/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}"
+        return outcome.tracking_uri.rstrip("/") + (experiment if outcome.experiment_id else "")
+    return shlex.join(["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri])
+
+
+class LastWords:
+    """What search.run prints as a sweep ends, kept also beside the sweep's folder and on its parent
+    run (LAST_WORDS_TXT), where a user whose terminal closed under the sweep finds the summary and
+    the resume command."""
+
+    def __init__(self, argv: list[str], settings: SweepSettings) -> None:
+        self.argv, self.settings = argv, settings
+        self.lines: list[str] = []
+
+    def say(self, lines: list[str], stream: TextIO | None = None) -> None:
+        print("\n".join(lines), file=stream or sys.stdout)
+        self.lines += lines
+
+    def interrupted(self, sweep: str, signum: int | None = None) -> None:
+        """The resume command goes last, on its own line, so it is easy to copy."""
+        why = "Interrupted" if signum is None else f"Stopped by {signal.Signals(signum).name}"
+        sys.stdout.flush()  # the summary first, even when stdout is a pipe
+        self.say(["", f"{why}. Resume with:", f"  {resume_command(self.argv, sweep)}"], sys.stderr)
+
+    def keep(self, outcome: SweepOutcome | None = None) -> None:
+        """Beside the sweep's folder, and on its parent run when MLflow answered at the end; neither
+        write may fail the command (a full disk is reported already)."""
+        text = "\n".join(self.lines).strip() + "\n"
+        with contextlib.suppress(OSError):  # pyarrow's errors are OSErrors too
+            self.settings.last_words_file.write_text_atomically(text)
+        if outcome is not None:
+            from search.tracking.store import log_last_words
+
+            log_last_words(outcome.tracking_uri, outcome.parent_run_id, text)
 
 
 def resume_command(argv: list[str], sweep: str) -> str:
@@ -231,41 +280,48 @@ def main(argv: list[str] | None = None) -> int:
     from search.sweep.signals import SweepStopped
     from search.tracking.store import TrackingFailed
 
+    last_words = LastWords(argv, settings)
+
+    def abandoned(signum: int) -> None:  # Ray went down under a stop signal: no outcome to read
+        last_words.interrupted(settings.sweep_name, signum)
+        last_words.keep()
+
     try:
-        outcome = run_sweep(
-            settings, on_abandon=lambda signum: print_interrupted(argv, settings.sweep_name, signum)
-        )
+        outcome = run_sweep(settings, on_abandon=abandoned)
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once
-        print_interrupted(argv, settings.sweep_name)
+        last_words.interrupted(settings.sweep_name)
+        last_words.keep()
         return EXIT_INTERRUPTED
     except SweepStopped as stopped:  # SIGTERM or SIGHUP before Tune ran, or a second one
-        print_interrupted(argv, settings.sweep_name, stopped.signum)
+        last_words.interrupted(settings.sweep_name, stopped.signum)
+        last_words.keep()
         return EXIT_SIGNALLED + stopped.signum
     except TrackingFailed as error:  # training is done and kept; MLflow is what failed
         kept = f"the results are kept in {settings.sweep_location}"
-        print(
-            f"{PROG}: error: MLflow failed at the end ({first_line(error)}); {kept}. "
-            f"Once MLflow is back, write them with:\n  {resume_command(argv, settings.sweep_name)}",
-            file=sys.stderr,
+        last_words.say(
+            [
+                f"{PROG}: error: MLflow failed at the end ({first_line(error)}); {kept}. "
+                "Once MLflow is back, write them with:",
+                f"  {resume_command(argv, settings.sweep_name)}",
+            ],
+            sys.stderr,
         )
+        last_words.keep()
         return EXIT_TRACKING_FAILED
-    print_summary(outcome)
+    last_words.say(summary_lines(outcome))
     if outcome.storage_error is not None:
-        print(
-            f"{PROG}: error: Tune's storage {settings.storage} failed ({outcome.storage_error}); "
-            "free space there, then resume with:\n  " + resume_command(argv, outcome.sweep),
-            file=sys.stderr,
+        last_words.say(
+            [
+                f"{PROG}: error: Tune's storage {settings.storage} failed ({outcome.storage_error}); "
+                "free space there, then resume with:",
+                f"  {resume_command(argv, outcome.sweep)}",
+            ],
+            sys.stderr,
         )
     elif outcome.interrupted:
-        print_interrupted(argv, outcome.sweep, outcome.stop_signal)
+        last_words.interrupted(outcome.sweep, outcome.stop_signal)
+    last_words.keep(outcome)
     return exit_code(outcome)
-
-
-def print_interrupted(argv: list[str], sweep: str, signum: int | None = None) -> None:
-    """The resume command goes last, on its own line, so it is easy to copy."""
-    why = "Interrupted" if signum is None else f"Stopped by {signal.Signals(signum).name}"
-    sys.stdout.flush()  # the summary first, even when stdout is a pipe
-    print(f"\n{why}. Resume with:\n  {resume_command(argv, sweep)}", file=sys.stderr)
 
 
 def exit_code(outcome: SweepOutcome) -> int:

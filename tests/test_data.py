@@ -166,3 +166,29 @@ def test_a_validation_set_as_large_as_the_data_is_refused(image_folder, tmp_path
 def test_fewer_training_images_than_classes_are_refused(image_folder, tmp_path):
     with pytest.raises(InputError, match="--max-train-images 2 is fewer than the 3 classes"):
         load_splits(settings(image_folder, tmp_path, val_size=9, max_train_images=2))
+
+
+def test_what_changed_in_a_folder_is_said_class_by_class(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=10)
+    settings = DataSettings(source=str(images), root=str(tmp_path))
+    before = data.image_inventory(settings)
+    assert data.inventory_changes(before, data.image_inventory(settings)) == ""  # listed again: the same
+    for index in range(3):
+        shutil.copy(images / "train" / "red" / "0000.png", images / "train" / "red" / f"new-{index}.png")
+    for name in ("0000.png", "0001.png"):
+        (images / "train" / "green" / name).unlink()
+    replaced = images / "train" / "blue" / "0005.png"
+    replaced.write_bytes(replaced.read_bytes() + b"\0")
+    assert data.inventory_changes(before, data.image_inventory(settings)) == (
+        "1 image changed in blue, 2 images removed from green, 3 images added to red"
+    )
+    shutil.copytree(images / "train" / "red", images / "train" / "yellow")
+    shutil.rmtree(images / "train" / "blue")
+    assert data.inventory_changes(before, data.image_inventory(settings)) == (
+        "class blue removed, class yellow added (13 images), 2 images removed from green, "
+        "3 images added to red"
+    )
+
+
+def test_cifar10_has_no_inventory_of_files():
+    assert data.image_inventory(DataSettings()) is None

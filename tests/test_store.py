@@ -66,3 +66,15 @@ def test_the_printed_commands_survive_a_paste_with_spaces_in_their_paths(capsys)
         "first try",
         "--resume",
     ]
+
+
+def test_a_sweep_tracked_on_a_server_is_browsed_at_its_page_there(capsys):
+    outcome = SweepOutcome(
+        sweep="s", experiment="e", tracking_uri="http://10.0.0.5:5000/", parent_run_id="p1",
+        best_run_id=None, best_accuracy=None, val_size=1000, best_config={}, trial_statuses={},
+        interrupted=False, failures={}, diverged=0, trained_tflop=0.0, compute_budget=60.0,
+        experiment_id="7",
+    )  # fmt: skip
+    run.print_summary(outcome)
+    (browse,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  browse:")]
+    assert browse == "  browse:  http://10.0.0.5:5000/#/experiments/7/runs/p1"

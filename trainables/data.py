@@ -134,12 +134,46 @@ def load_images(settings: DataSettings, split: str) -> LabeledImages:
     """All images of one split ("train" or "test") as uint8 tensors."""
     if settings.source == CIFAR10:
         return _load_cifar10(Path(settings.root), split)
+    return _load_folder_cached(_split_folder(settings, split), Path(settings.root))
+
+
+def _split_folder(settings: DataSettings, split: str) -> Path:
     folder = Path(settings.source) / split
     if not Path(settings.source).is_dir():
         raise InputError(f"data folder not found: {settings.source}")
     if not folder.is_dir():
         raise InputError(f"no {split}/ folder in {settings.source} (expected {split}/<class>/<image>)")
-    return _load_folder_cached(folder, Path(settings.root))
+    return folder
+
+
+def image_inventory(settings: DataSettings) -> dict[str, list[str]] | None:
+    """The training images as a sweep records them, class by class ("name size mtime" each): what a
+    resume compares, to say what changed. None for CIFAR-10, whose download torchvision checks."""
+    if settings.source == CIFAR10:
+        return None
+    listing = list_images(_split_folder(settings, "train"))
+    inventory: dict[str, list[str]] = {name: [] for name in listing.classes}
+    for (label, path), stamp in zip(listing.files, listing.stamps, strict=True):
+        inventory[listing.classes[label]].append(f"{os.path.basename(path)} {stamp}")
+    return inventory
+
+
+def inventory_changes(before: dict[str, list[str]], now: dict[str, list[str]]) -> str:
+    """What changed between two inventories, in words: "30 images added to cat, 10 removed from dog";
+    empty when nothing did."""
+    words = [f"class {name} removed" for name in before if name not in now]
+    words += [f"class {name} added ({len(now[name])} images)" for name in now if name not in before]
+    for name in (name for name in before if name in now):
+        was = {entry.rsplit(" ", 2)[0]: entry for entry in before[name]}
+        is_ = {entry.rsplit(" ", 2)[0]: entry for entry in now[name]}
+        added, removed = len(is_.keys() - was.keys()), len(was.keys() - is_.keys())
+        changed = sum(was[image] != is_[image] for image in was.keys() & is_.keys())
+        for count, what, where in ((added, "added to", name), (removed, "removed from", name)):
+            if count:
+                words.append(f"{count} image{'s' * (count != 1)} {what} {where}")
+        if changed:
+            words.append(f"{changed} image{'s' * (changed != 1)} changed in {name}")
+    return ", ".join(words)
 
 
 def has_test_split(settings: DataSettings) -> bool:
@@ -229,6 +263,7 @@ def _load_folder_cached(folder: Path, root: Path) -> LabeledImages:
 class _FolderListing:
     classes: tuple[str, ...]  # sorted: a class's label is its place here
     files: list[tuple[int, str]]  # (label, path) of every image
+    stamps: list[str]  # "size mtime_ns" of each file, in the order of files
     fingerprint: (
         str  # changes when the folder moves, or any file is added, removed, renamed, resized or touched
     )
@@ -244,6 +279,7 @@ def list_images(folder: Path) -> _FolderListing:
         classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
     digest = hashlib.sha256(str(folder.resolve()).encode())
     files: list[tuple[int, str]] = []
+    stamps: list[str] = []
     empty = []
     for label, name in enumerate(classes):
         with os.scandir(folder / name) as entries:
@@ -256,13 +292,14 @@ def list_images(folder: Path) -> _FolderListing:
             stat = entry.stat()
             digest.update(f"{label}\0{name}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             files.append((label, entry.path))
+            stamps.append(f"{stat.st_size} {stat.st_mtime_ns}")
     if not files:
         raise InputError(f"no images in {folder} (expected {folder}/<class>/<image>)")
     if empty:
         raise InputError(f"class folder {folder / empty[0]} holds no images: remove it or add its images")
     if len(classes) < 2:
         raise InputError(f"{folder} holds images of one class only; need at least two")
-    return _FolderListing(tuple(classes), files, digest.hexdigest()[:16])
+    return _FolderListing(tuple(classes), files, stamps, digest.hexdigest()[:16])
 
 
 def _is_image(name: str) -> bool:

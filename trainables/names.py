@@ -46,6 +46,7 @@ TEST_LOSS = "test_loss"
 ROLE_TAG = "role"  # one of the roles below
 SWEEP_ROLE, TRIAL_ROLE, RETRAIN_ROLE = "sweep", "trial", "retrain"
 SWEEP_TAG = "sweep"
+SWEEP_LOCATION_PARAM = "sweep_location"  # a parent run's: where its Tune state is, resolved
 SPACE_TAG = "space"
 TRIAL_ID_TAG = "trial_id"
 ERROR_TAG = "error"  # the end of the traceback of a trial's last crash
@@ -54,6 +55,7 @@ RESUMED_AT_TAG = "resumed_at_epoch"  # the epoch of a resumed trial's first repo
 BEST_RUN_ID_TAG = "best_run_id"
 BEST_TRIAL_ID_TAG = "best_trial_id"
 SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained
+ORPHAN_TAG = "orphan"  # on a parent run closed FAILED because its sweep never began: why
 SOURCE_RUN_STATE_TAG = "source_run_state"  # on a retrain run whose trial was deleted: deleted, or missing
 
 # Artifacts, and the files of a checkpoint.
@@ -68,6 +70,7 @@ IMPORTANCE_PNG = "importance.png"
 ACCURACY_PNG = "accuracy_by_hyperparameter.png"
 CURVES_PNG = "learning_curves.png"
 SUMMARY_MD = "summary.md"
+LAST_WORDS_TXT = "last_words.txt"  # what search.run printed as the sweep ended: summary, resume command
 BEST_JSON = "best.json"
 PER_CLASS_JSON = "per_class_accuracy.json"  # a retrain's test accuracy, class by class
 PER_CLASS_MD = "per_class_accuracy.md"

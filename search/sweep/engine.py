@@ -37,6 +37,7 @@ from search.tracking.store import (
     ImageDataset,
     TrackingFailed,
     best_child_run,
+    claim_sweep_name,
     default_tracking_uri,
     get_or_create_experiment,
     is_diverged,
@@ -48,9 +49,16 @@ from search.tracking.store import (
 from search.tracking.uri import check_reachable
 from spaces import SearchSpace, get_space
 from trainables.config import FINAL_OF
-from trainables.data import ImageSplits, load_splits
+from trainables.data import ImageSplits, image_inventory, load_splits
 from trainables.errors import InputError, first_line
-from trainables.names import BEST_METRIC, ERROR_TAG, METRIC, MODE, TRAIN_TFLOP
+from trainables.names import (
+    BEST_METRIC,
+    ERROR_TAG,
+    METRIC,
+    MODE,
+    SWEEP_LOCATION_PARAM,
+    TRAIN_TFLOP,
+)
 from trainables.trainable import TrialSettings, train_convnet
 
 # Tune's snapshot of the sweep (what a resume after kill -9 restores) at most a second old, not
@@ -85,6 +93,8 @@ class SweepOutcome:
     ended_by: str | None = None  # the budget after which no trial started, before --num-samples did
     final_trial: str | None = None  # under --top-rung best: the final trial's run name, once it started
     no_final_reason: str = ""  # under --top-rung best, when the sweep ended with no final trial: why
+    experiment_id: str = ""  # the experiment's MLflow ID, for a link to the sweep on a server
+    closed_orphan: str | None = None  # the run ID of an earlier parent of this name closed as an orphan
 
 
 # A function trainable with train_convnet's signature and contract (reports METRIC per epoch).
@@ -110,6 +120,7 @@ def run_sweep(
     _check_resume(settings)
     _quiet_libraries(settings.output)
     check_reachable(tracking_uri)
+    orphan = None if settings.resume else _claim_name(settings, tracking_uri)
     check_ray_address(settings.address)
     splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
     with contextlib.ExitStack() as stack:
@@ -121,7 +132,28 @@ def run_sweep(
             stop = stack.enter_context(StopSignals())
         if on_abandon is not None:
             stop.on_abandon.append(on_abandon)
-        return _sweep(settings, space, tracking_uri, splits, trainable, stop)
+        outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
+        outcome.closed_orphan = orphan
+        return outcome
+
+
+def _claim_name(settings: SweepSettings, tracking_uri: str) -> str | None:
+    """Before Ray starts: a new sweep's name must be free in its experiment (claim_sweep_name)."""
+    try:
+        return claim_sweep_name(
+            tracking_uri,
+            settings.experiment_name,
+            settings.sweep_name,
+            settings.sweep_location,
+            tune.Tuner.can_restore,
+        )
+    except TRACKING_ERRORS as error:
+        raise _failed_before_the_sweep(tracking_uri, error) from None
+
+
+def _failed_before_the_sweep(tracking_uri: str, error: Exception) -> InputError:
+    """Nothing has run yet: a store that refuses us is bad input."""
+    return InputError(f"MLflow at {tracking_uri} failed before the sweep began: {first_line(error)}")
 
 
 def _check_resume(settings: SweepSettings) -> None:
@@ -161,19 +193,19 @@ def _sweep(
         if settings.warm_start and not settings.resume:  # a resume's study has them already
             experiment_id = get_or_create_experiment(client, settings.experiment_name)
             past = finished_trials(
-                client, experiment_id, space.name, settings.sweep_name, params, plan.complete_at
+                client, experiment_id, space.name, settings.sweep_name, params, datasets[0], plan.complete_at
             )
         warm_start, skipped = warm_start_trials(space, past)
         params.update(warm_start_trials=len(warm_start), warm_start_skipped=skipped)
         sweep_run = start_sweep_run(
             client, settings.experiment_name, settings.sweep_name, space.name, params, datasets
         )
-    except TRACKING_ERRORS as error:  # nothing has run yet: a store that refuses us is bad input
-        raise InputError(
-            f"MLflow at {tracking_uri} failed before the sweep began: {first_line(error)}"
-        ) from None
+    except TRACKING_ERRORS as error:
+        raise _failed_before_the_sweep(tracking_uri, error) from None
     if not settings.resume:
         settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
+        # What a resume must find again (SweepSettings.check_resumes_the_same_sweep); null for CIFAR-10.
+        settings.images_file.write_text_atomically(json.dumps(image_inventory(settings.data)))
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s is not None else None
 
     resources = _trial_resources(settings, gpus_per_trial, trials_at_once)
@@ -430,6 +462,7 @@ def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: 
     params["compute_budget_tflop"] = settings.compute_budget
     params["experiment"] = settings.experiment_name
     params["tracking_uri"] = tracking_uri
+    params[SWEEP_LOCATION_PARAM] = settings.sweep_location  # resolved: where an orphan is told apart
     return params
 
 
@@ -459,4 +492,5 @@ def _outcome(settings: SweepSettings, tracking_uri: str, parent_run_id: str) -> 
         compute_budget=settings.compute_budget,
         no_best_reason=why_no_best(children) if best is None else "",
         final_trial=next((run.info.run_name for run in children if FINAL_OF in run.data.params), None),
+        experiment_id=parent.info.experiment_id,
     )

@@ -18,6 +18,7 @@ from search.tracking.uri import check_tracking_uri
 from spaces import get_space
 from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
+from trainables.names import LAST_WORDS_TXT
 from trainables.recipe import ASSIGNMENT, UNRECORDED_SCHEDULE, Recipe
 
 SCHEDULERS = ("asha", "fifo")
@@ -190,6 +191,16 @@ class SweepSettings:
         """What the sweep is (`identity`), recorded beside its folder when it starts."""
         return StoredFile(join(self.storage, f"{self.sweep_name}.sweep.json"))
 
+    @property
+    def last_words_file(self) -> StoredFile:
+        """What search.run printed as the sweep ended (search.run's LastWords), beside its folder."""
+        return StoredFile(join(self.storage, f"{self.sweep_name}.{LAST_WORDS_TXT}"))
+
+    @property
+    def images_file(self) -> StoredFile:
+        """The training images it began with (trainables.data.image_inventory), beside its folder."""
+        return StoredFile(join(self.storage, f"{self.sweep_name}.images.json"))
+
     def identity(self) -> dict[str, Any]:
         """The settings that make the sweep what it is: a --resume may not change them.
 
@@ -228,10 +239,20 @@ class SweepSettings:
         changed = [(flag, value) for flag, value in recorded.items() if now.get(flag) != value]
         if changed:
             flag, value = changed[0]
-            raise InputError(
-                f"--resume cannot change what sweep {self.sweep_name} is: its {flag} was {value!r}, "
-                f"now {now.get(flag)!r} (start a new sweep with another --name instead)"
-            )
+            self._refuse_resume(f"its {flag} was {value!r}, now {now.get(flag)!r}")
+        if self.images_file.exists():  # recorded since 2026-12-07
+            from trainables.data import image_inventory, inventory_changes  # torch: a resume needs it anyway
+
+            began_with = json.loads(self.images_file.read_text())  # null: CIFAR-10's download
+            changes = began_with and inventory_changes(began_with, image_inventory(self.data) or {})
+            if changes:
+                self._refuse_resume(f"its images changed since it began: {changes}")
+
+    def _refuse_resume(self, what_changed: str) -> None:
+        raise InputError(
+            f"--resume cannot change what sweep {self.sweep_name} is: {what_changed} "
+            "(start a new sweep with another --name instead)"
+        )
 
     @property
     def optuna_journal(self) -> str | None:

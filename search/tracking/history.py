@@ -14,7 +14,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from search.tracking.store import child_runs, is_diverged
+from search.tracking.store import ImageDataset, child_runs, is_diverged
 from trainables.config import FINAL_OF, TrialConfig
 from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
 from trainables.recipe import Recipe
@@ -39,11 +39,14 @@ def finished_trials(
     space: str,
     sweep: str,
     params: Mapping[str, Any],
+    train_images: ImageDataset,  # what this sweep trains on: comparable sweeps trained on the same
     complete_at: float,  # the epochs after which a trial of the search has trained to its end
 ) -> list[PastTrial]:
     """The trials of the experiment's other sweeps of this space, comparable to this sweep's, that
-    trained to the search's end, oldest sweep first. A final trial (--top-rung best) is not one:
-    it trained past the search, at another fidelity."""
+    trained to the search's end, oldest sweep first. Comparable: the same settings, recipe and
+    training images (the digest of the parent's dataset input, which changes with the files and
+    the split). A final trial (--top-rung best) is not one: it trained past the search, at another
+    fidelity."""
     query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}' and tags.{SPACE_TAG} = '{space}'"
     parents = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
     wanted = {name: str(params[name]) for name in COMPARABLE_PARAMS}
@@ -57,6 +60,8 @@ def finished_trials(
             continue
         if Recipe.from_params(recorded) != recipe:  # an older sweep's: from the schedule it recorded
             continue
+        if train_images.digest not in {inputs.dataset.digest for inputs in parent.inputs.dataset_inputs}:
+            continue  # the same folder, other images
         for run in child_runs(client, parent):
             if run.info.status != "FINISHED" or METRIC not in run.data.metrics or FINAL_OF in run.data.params:
                 continue

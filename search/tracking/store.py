@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ from trainables.names import (
     BEST_METRIC,
     CHECKPOINT_ARTIFACT,
     DIVERGED,
+    LAST_WORDS_TXT,
+    ORPHAN_TAG,
     REPORTED_METRICS,
     ROLE_TAG,
     SPACE_TAG,
+    SWEEP_LOCATION_PARAM,
     SWEEP_ROLE,
     SWEEP_SETTINGS_ARTIFACT,
     SWEEP_TAG,
@@ -76,12 +79,52 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 
 def find_sweep_run(client: MlflowClient, experiment_id: str, sweep: str | None) -> Run | None:
-    """The parent run of the named sweep, or of the latest sweep when no name is given."""
+    """The parent run of the named sweep, or of the latest sweep when no name is given; never an
+    orphan closed by `close_orphan`."""
     query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}'"
     if sweep is not None:
         query += f" and tags.{SWEEP_TAG} = '{sweep}'"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=50)
+    return next((run for run in runs if ORPHAN_TAG not in run.data.tags), None)
+
+
+def claim_sweep_name(
+    tracking_uri: str, experiment: str, sweep: str, location: str, has_tune_state: Callable[[str], bool]
+) -> str | None:
+    """One name, one sweep in an experiment, whatever --storage-path says: trials of two sweeps under
+    one parent would be mixed in every reader. A new sweep (Tune state to go in `location`) under a
+    taken name is refused. Only an orphan is passed by: a parent still RUNNING, with no trial, that
+    never got its params (the store failed as it was made) or whose Tune state was to be in this same
+    `location` and is not; it is closed FAILED, never adopted. Returns the orphan's run ID.
+
+    It writes nothing but that: a store or experiment not there yet holds no name."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
+        return None
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    parent = find_sweep_run(client, found.experiment_id, sweep) if found is not None else None
+    if parent is None:
+        return None
+    recorded = parent.data.params.get(SWEEP_LOCATION_PARAM)
+    never_began = not parent.data.params  # its params are logged right after it is made
+    here_and_gone = recorded == location and not has_tune_state(location)
+    if parent.info.status == "RUNNING" and (never_began or here_and_gone) and not child_runs(client, parent):
+        where = f"in {location}" if here_and_gone else "(the store failed as its parent run was made)"
+        close_orphan(client, parent.info.run_id, f"its sweep stopped before Tune saved any state {where}")
+        return parent.info.run_id
+    storage = recorded.rsplit("/", 1)[0] if recorded else None
+    continue_it = f"--resume --storage-path {storage}" if storage else "--resume and its --storage-path"
+    raise InputError(
+        f"the name {sweep} is taken in experiment {experiment!r} by a {parent.info.status} sweep, parent "
+        f"run {parent.info.run_id}: continue it with {continue_it}, or give another --name"
+    )
+
+
+def close_orphan(client: MlflowClient, run_id: str, reason: str) -> None:
+    """Closes a parent run whose sweep never began, FAILED, saying why; readers then pass it by."""
+    client.set_tag(run_id, ORPHAN_TAG, reason)
+    client.set_terminated(run_id, "FAILED")
 
 
 @dataclass(frozen=True)
@@ -268,6 +311,15 @@ class TrackingFailed(Exception):
 
 # What a failing tracking store raises: MLflow's own errors, HTTP and file-system ones.
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+
+def log_last_words(tracking_uri: str, parent_run_id: str, text: str) -> bool:
+    """The lines a sweep ended with, on its parent run; False where MLflow would not take them."""
+    try:
+        MlflowClient(tracking_uri).log_text(parent_run_id, text, LAST_WORDS_TXT)
+    except TRACKING_ERRORS:
+        return False
+    return True
 
 
 def open_store(uri: str) -> MlflowClient:
