@@ -115,6 +115,7 @@ def resume_to_the_end(settings: SweepSettings) -> None:
     finally:
         stop_process_group(resumed)
     assert resumed.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "Restored on" not in stdout + stderr  # Ray's line for each trial it restores: not the user's
 
 
 def test_ctrl_c_stops_quickly_marks_runs_killed_and_the_printed_resume_completes(slow_images, tmp_path):

@@ -69,10 +69,12 @@ def _runs_or_none(settings: SweepSettings) -> list:
 def run_to_the_end(settings: SweepSettings, *extra: str) -> str:
     process = start_search_run([*sweep_args(settings), *extra], cwd=Path(settings.storage_path).parent)
     try:
-        _, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=600)
     finally:
         stop_process_group(process)
     assert process.returncode == 0, stderr[-3000:]
+    # No library lines at the user: Ray's "Restored on ... from checkpoint", MLflow's "View run".
+    assert "Restored on" not in stdout + stderr and "View run" not in stdout + stderr
     return stderr
 
 

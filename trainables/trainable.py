@@ -65,12 +65,16 @@ class TrialSettings:
         return sorted(ends | set(self.rung_points(epoch_images) if at_rungs else ()))
 
 
+# Ray logs every persisted and every restored checkpoint at INFO level, to the console; a resumed
+# trial is restored before this function runs, so the levels are set when a trial's process
+# imports this module.
+for _logger in ("ray.train._internal.storage", "ray.tune.trainable.trainable"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
+
+
 def train_convnet(config: dict[str, Any], splits: ImageSplits, settings: TrialSettings) -> None:
     """Trains one config to the sweep's end, reporting at each rung and epoch's end; a checkpoint
     at each epoch's end only, which is where a resumed trial goes on from."""
-    # Ray logs every persisted and every restored checkpoint at INFO level, to the console.
-    for logger in ("ray.train._internal.storage", "ray.tune.trainable.trainable"):
-        logging.getLogger(logger).setLevel(logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _use_assigned_cpus()
     trial, final_of = trial_config(config)

@@ -446,6 +446,9 @@ def _quiet_libraries(output: str) -> None:
         logging.getLogger("ray.train").setLevel(logging.CRITICAL)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # MLflow prints "View run ... at: URL" whenever a run on a server ends: a line per trial,
+        # amid the status line; the summary gives the sweep's page once.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: str) -> dict[str, Any]:
