@@ -223,13 +223,21 @@ class SurvivingStream:
                 self._stream.flush()
 
 
+def _devnull_at(fd: int) -> TextIO:
+    """For a command started with this descriptor closed (`>&-`): /dev/null there, so that neither
+    Python nor the next file opened (a database, say) takes the place of the output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: fd itself, if it is free
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return open(fd, "w", buffering=1, closefd=False)
+
+
 def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
     """Runs a command's main; bad input (exit 2) and MLflow failures (exit 3) become one line on stderr.
     Output that goes away (a closed terminal or pipe) is never fatal: see SurvivingStream."""
-    if sys.stdout is not None:  # None when started with stdout closed (`>&-`): print then does nothing
-        sys.stdout = SurvivingStream(sys.stdout)  # type: ignore[assignment]
-    if sys.stderr is not None:
-        sys.stderr = SurvivingStream(sys.stderr)  # type: ignore[assignment]
+    sys.stdout = SurvivingStream(sys.stdout or _devnull_at(1))  # type: ignore[assignment]
+    sys.stderr = SurvivingStream(sys.stderr or _devnull_at(2))  # type: ignore[assignment]
     try:
         code = main()
     except InputError as error:

@@ -44,6 +44,12 @@ def test_a_taken_name_is_refused_in_one_line_whatever_the_storage_path(image_fol
     refused()  # with another storage path
     shutil.rmtree(first.sweep_location)  # the README allows it once nothing will resume the sweep
     refused()  # with the first sweep's folder gone
+    again = run_module("search.run", *sweep_args(first), cwd=tmp_path)  # its own storage: nothing to resume
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"search.run: error: the name c1 is taken in experiment 'cifar10-nesterov' by a FINISHED sweep, "
+        f"parent run {parent.info.run_id}, whose Tune state in {first.sweep_location} is gone: give another "
+        "--name"
+    )
     assert [run.info.run_id for run in parents(first)] == [parent.info.run_id]  # nothing was written
     assert {child.info.run_id for child in trial_runs(first)} == children
     assert not Path(elsewhere.sweep_location).exists()

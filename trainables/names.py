@@ -46,6 +46,7 @@ TEST_LOSS = "test_loss"
 ROLE_TAG = "role"  # one of the roles below
 SWEEP_ROLE, TRIAL_ROLE, RETRAIN_ROLE = "sweep", "trial", "retrain"
 SWEEP_TAG = "sweep"
+SWEEP_HOST_PARAM = "sweep_host"  # a parent run's: the machine that started it
 SWEEP_LOCATION_PARAM = "sweep_location"  # a parent run's: where its Tune state is, resolved
 SPACE_TAG = "space"
 TRIAL_ID_TAG = "trial_id"

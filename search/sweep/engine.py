@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -56,6 +57,7 @@ from trainables.names import (
     ERROR_TAG,
     METRIC,
     MODE,
+    SWEEP_HOST_PARAM,
     SWEEP_LOCATION_PARAM,
     TRAIN_TFLOP,
 )
@@ -203,9 +205,12 @@ def _sweep(
     except TRACKING_ERRORS as error:
         raise _failed_before_the_sweep(tracking_uri, error) from None
     if not settings.resume:
-        settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
-        # What a resume must find again (SweepSettings.check_resumes_the_same_sweep); null for CIFAR-10.
-        settings.images_file.write_text_atomically(json.dumps(image_inventory(settings.data)))
+        try:
+            settings.identity_file.write_text_atomically(json.dumps(settings.identity()))
+            # What a resume must find again (SweepSettings.check_resumes_the_same_sweep); null: CIFAR-10.
+            settings.images_file.write_text_atomically(json.dumps(image_inventory(settings.data)))
+        except OSError as error:  # a full disk, a quota: its parent, left RUNNING, is an orphan then
+            raise InputError(f"Tune's storage {settings.storage} cannot be written ({error})") from None
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s is not None else None
 
     resources = _trial_resources(settings, gpus_per_trial, trials_at_once)
@@ -466,6 +471,7 @@ def _sweep_params(settings: SweepSettings, gpus_per_trial: float, tracking_uri: 
     params["experiment"] = settings.experiment_name
     params["tracking_uri"] = tracking_uri
     params[SWEEP_LOCATION_PARAM] = settings.sweep_location  # resolved: where an orphan is told apart
+    params[SWEEP_HOST_PARAM] = socket.gethostname()  # and on which machine
     return params
 
 

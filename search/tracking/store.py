@@ -12,6 +12,8 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
+import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +41,7 @@ from trainables.names import (
     REPORTED_METRICS,
     ROLE_TAG,
     SPACE_TAG,
+    SWEEP_HOST_PARAM,
     SWEEP_LOCATION_PARAM,
     SWEEP_ROLE,
     SWEEP_SETTINGS_ARTIFACT,
@@ -108,17 +111,20 @@ def claim_sweep_name(
         return None
     recorded = parent.data.params.get(SWEEP_LOCATION_PARAM)
     never_began = not parent.data.params  # its params are logged right after it is made
-    here_and_gone = recorded == location and not has_tune_state(location)
-    if parent.info.status == "RUNNING" and (never_began or here_and_gone) and not child_runs(client, parent):
-        where = f"in {location}" if here_and_gone else "(the store failed as its parent run was made)"
+    # The same place: a local folder of another machine is another place.
+    here = recorded == location and parent.data.params.get(SWEEP_HOST_PARAM) == socket.gethostname()
+    gone = here and not has_tune_state(location)
+    if parent.info.status == "RUNNING" and (never_began or gone) and not child_runs(client, parent):
+        where = f"in {location}" if gone else "(the store failed as its parent run was made)"
         close_orphan(client, parent.info.run_id, f"its sweep stopped before Tune saved any state {where}")
         return parent.info.run_id
-    storage = recorded.rsplit("/", 1)[0] if recorded else None
+    taken = f"the name {sweep} is taken in experiment {experiment!r} by a {parent.info.status} sweep, parent "
+    taken += f"run {parent.info.run_id}"
+    if gone:  # nothing a resume could continue
+        raise InputError(f"{taken}, whose Tune state in {location} is gone: give another --name")
+    storage = shlex.quote(recorded.rsplit("/", 1)[0]) if recorded else None
     continue_it = f"--resume --storage-path {storage}" if storage else "--resume and its --storage-path"
-    raise InputError(
-        f"the name {sweep} is taken in experiment {experiment!r} by a {parent.info.status} sweep, parent "
-        f"run {parent.info.run_id}: continue it with {continue_it}, or give another --name"
-    )
+    raise InputError(f"{taken}: continue it with {continue_it}, or give another --name")
 
 
 def close_orphan(client: MlflowClient, run_id: str, reason: str) -> None:
