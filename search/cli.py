@@ -193,7 +193,6 @@ class SurvivingStream:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self.gone: str | None = None  # why the output went away, once it has
 
     def write(self, text: str) -> int:
         self._guarded(self._stream.write, text)
@@ -215,7 +214,6 @@ class SurvivingStream:
         except OSError as error:
             if error.errno not in OUTPUT_GONE:
                 raise
-            self.gone = self.gone or os.strerror(error.errno)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())  # what the buffer still holds lands there too
             os.close(devnull)

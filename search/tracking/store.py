@@ -8,6 +8,7 @@ report read them here.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -319,13 +320,11 @@ class TrackingFailed(Exception):
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
-def log_last_words(tracking_uri: str, parent_run_id: str, text: str) -> bool:
-    """The lines a sweep ended with, on its parent run; False where MLflow would not take them."""
-    try:
+def log_last_words(tracking_uri: str, parent_run_id: str, text: str) -> None:
+    """The lines a sweep ended with, on its parent run, where MLflow takes them: the copy beside
+    the sweep's folder stands either way."""
+    with contextlib.suppress(*TRACKING_ERRORS):
         MlflowClient(tracking_uri).log_text(parent_run_id, text, LAST_WORDS_TXT)
-    except TRACKING_ERRORS:
-        return False
-    return True
 
 
 def open_store(uri: str) -> MlflowClient:
