@@ -75,6 +75,12 @@ def trial_results(trial_folder: Path) -> list[dict[str, Any]] | None:
     return results
 
 
+def trial_number(trial: Any) -> int:
+    """The order Tune created a trial in, from 1: the start of the experiment tag it gave the
+    trial, which a restore keeps."""
+    return int(trial.experiment_tag.split("_", 1)[0])
+
+
 class StoredFile:
     """A small text file at a local path or a filesystem URI; it keeps only its location."""
 

@@ -5,7 +5,11 @@ before the searcher proposed it, so the order results arrive in changes nothing.
 from __future__ import annotations
 
 import itertools
+import json
+import random
+from pathlib import Path
 
+from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
@@ -15,6 +19,21 @@ from trainables.names import IMAGES_SEEN, METRIC
 
 RUNGS, END = [100, 300], 900  # a ninth and a third of a 900-image epoch
 WINDOW = 3
+
+
+def proposed(count: int, configs: list[dict] | None = None, storage: Path | None = None) -> list[Trial]:
+    """Trials as Tune makes them for a searcher's proposals: numbered from 1 in their experiment tag,
+    each with its own folder where a storage path is given."""
+    trials = []
+    for k in range(count):
+        context = None
+        if storage is not None:
+            context = StorageContext(str(storage), "sweep", trial_dir_name=f"trial_{k + 1}")
+        config = configs[k] if configs else {}
+        trials.append(
+            Trial("train_convnet", stub=True, config=config, experiment_tag=f"{k + 1}_x", storage=context)
+        )
+    return trials
 
 
 def scheduler(trials: list[Trial]) -> InOrderASHA:
@@ -29,7 +48,7 @@ def report(asha: InOrderASHA, trial: Trial, images_seen: int, accuracy: float) -
 
 
 def test_the_first_trials_of_a_window_go_on_and_a_later_weak_one_stops_at_its_first_rung():
-    trials = [Trial("train_convnet", stub=True) for _ in range(5)]
+    trials = proposed(5)
     asha = scheduler(trials)
     for trial, accuracy in zip(trials[:3], (0.30, 0.50, 0.40), strict=True):
         assert report(asha, trial, 100, accuracy) == TrialScheduler.CONTINUE  # nothing ended before them
@@ -44,7 +63,7 @@ def test_decisions_do_not_depend_on_the_order_results_arrive_in():
     accuracies = [0.30, 0.50, 0.40, 0.20, 0.45, 0.35, 0.60, 0.33]
 
     def decisions(order: list[int]) -> list[str]:
-        trials = [Trial("train_convnet", stub=True) for _ in accuracies]
+        trials = proposed(len(accuracies))
         asha = scheduler(trials)
         made = {}
         # Trial k reports only once trials 0 .. k - WINDOW have ended: the searcher's rule.
@@ -62,20 +81,23 @@ def test_decisions_do_not_depend_on_the_order_results_arrive_in():
     assert TrialScheduler.STOP in in_order and TrialScheduler.CONTINUE in in_order
 
 
-def test_a_retried_trial_is_not_judged_twice_at_a_rung():
-    trials = [Trial("train_convnet", stub=True) for _ in range(4)]
+def test_a_trial_that_reports_at_a_rung_again_keeps_its_verdict_there():
+    trials = proposed(5)
     asha = scheduler(trials)
     for trial in trials[:3]:
         report(asha, trial, 100, 0.5)
     assert report(asha, trials[3], 100, 0.6) == TrialScheduler.CONTINUE
     asha.on_trial_add(None, trials[3])  # Tune adds a crashed trial again before it retries
     assert report(asha, trials[3], 100, 0.1) == TrialScheduler.CONTINUE  # its first verdict stands
+    # Stopped, then killed before Tune's snapshot said so: resumed from before the rung, it stops again.
+    assert report(asha, trials[4], 100, 0.2) == TrialScheduler.STOP
+    assert report(asha, trials[4], 100, 0.9) == TrialScheduler.STOP
 
 
 def test_in_a_sweep_of_many_epochs_a_trial_with_nothing_to_be_judged_against_stops_past_the_first_epoch():
     """Going on blindly is cheap within the first epoch, and costs whole final runs beyond it."""
     asha = InOrderASHA([100, 300], max_t=2700, reduction_factor=3, window=WINDOW, epoch_images=900)
-    trials = [Trial("train_convnet", stub=True) for _ in range(WINDOW)]
+    trials = proposed(WINDOW)
     for trial in trials:
         asha.on_trial_add(None, trial)
     for trial in trials:  # the first window: nothing ended before them
@@ -85,10 +107,46 @@ def test_in_a_sweep_of_many_epochs_a_trial_with_nothing_to_be_judged_against_sto
 
 def test_a_final_trial_goes_on_whatever_it_scores():
     asha = InOrderASHA(RUNGS, max_t=300, reduction_factor=3, window=1, epoch_images=900)
-    trials = [Trial("train_convnet", stub=True, config=config) for config in ({}, {FINAL_OF: "t0"})]
+    trials = proposed(2, [{}, {FINAL_OF: "t0"}])
     for trial in trials:
         asha.on_trial_add(None, trial)
     assert report(asha, trials[0], 100, 0.9) == TrialScheduler.CONTINUE
     assert report(asha, trials[0], 300, 0.9) == TrialScheduler.STOP  # the search's top
     assert report(asha, trials[1], 100, 0.1) == TrialScheduler.CONTINUE  # below trial 0, and on
     assert report(asha, trials[1], 900, 0.1) == TrialScheduler.CONTINUE  # past the search's top
+
+
+def test_a_resumed_sweep_decides_as_the_uninterrupted_one(tmp_path):
+    """Tune restores trials, not the scheduler, and adds them back latest result first: the
+    verdicts come from the results each trial's folder keeps, and the numbers from its tag."""
+    rng = random.Random(0)
+    scores = {k: [rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.7)] for k in range(9)}
+
+    def straight(trials: list[Trial], asha: InOrderASHA, numbers: range) -> dict[tuple[int, int], str]:
+        made = {}
+        for k in numbers:  # in turn: each trial reports once the window before it has ended
+            for rung, score in zip(RUNGS, scores[k], strict=True):
+                made[k, rung] = report(asha, trials[k], rung, score)
+                if made[k, rung] == TrialScheduler.STOP:
+                    break
+        return made
+
+    trials = proposed(9)
+    uninterrupted = straight(trials, scheduler(trials), range(9))
+
+    before = proposed(9, storage=tmp_path)
+    asha = scheduler(before)
+    made = straight(before, asha, range(5))
+    for k, trial in enumerate(before[:5]):  # the results Tune kept in each trial's folder
+        folder = Path(trial.path)
+        folder.mkdir(parents=True)
+        kept = [
+            {IMAGES_SEEN: rung, METRIC: scores[k][i]} for i, rung in enumerate(RUNGS) if (k, rung) in made
+        ]
+        (folder / "result.json").write_text("".join(json.dumps(result) + "\n" for result in kept))
+    restored = InOrderASHA(RUNGS, max_t=END, reduction_factor=3, window=WINDOW, epoch_images=END)
+    for trial in reversed(before):  # latest result first, as Tune's restore adds them
+        restored.on_trial_add(None, trial)
+    made |= straight(before, restored, range(5, 9))
+    assert made == uninterrupted
+    assert TrialScheduler.STOP in made.values() and TrialScheduler.CONTINUE in made.values()

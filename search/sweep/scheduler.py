@@ -15,6 +15,10 @@ is within the first epoch: in a one-epoch sweep, to the end, as ASHA's stopping 
 in a sweep of many epochs they stop where a blind promotion would cost more than an epoch, since
 with twenty epochs the first window of trials would otherwise train three whole final runs.
 
+A resumed sweep decides as the uninterrupted one would: Tune restores its trials but not the
+scheduler, so each trial's verdicts are read back from the results Tune kept of it (on a local
+storage path; on a URI, the trials that had ended before the stop are not compared again).
+
 A sweep's final trial (trainables.config.FINAL_OF) trains to the end: it is the search's best,
 chosen at the rungs already.
 """
@@ -22,11 +26,13 @@ chosen at the rungs already.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from search.storage import trial_number, trial_results
 from trainables.config import FINAL_OF
 from trainables.names import IMAGES_SEEN, METRIC, MODE
 
@@ -50,29 +56,42 @@ class InOrderASHA(FIFOScheduler):
         return True  # the metric and mode are the sweep's own, fixed
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        # Tune adds trials in the order the searcher proposed them, again after a crash or a
-        # restore: the first time counts.
-        self.numbers.setdefault(trial.trial_id, len(self.numbers))
+        # The number is the one Tune gave the trial when the searcher proposed it: a restore keeps
+        # it, though it adds the trials back latest result first. The scheduler itself is not
+        # restored, so a restored trial's verdicts come back from the results Tune kept of it.
+        number = self.numbers[trial.trial_id] = trial_number(trial) - 1
+        if trial.storage is not None:  # None only for a trial Tune has not placed yet
+            for result in trial_results(Path(trial.path)) or []:
+                self._record(number, result)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if IMAGES_SEEN not in result or METRIC not in result or FINAL_OF in trial.config:
             return TrialScheduler.CONTINUE
-        seen = result[IMAGES_SEEN]
-        if seen >= self.max_t:
+        if result[IMAGES_SEEN] >= self.max_t:
             return TrialScheduler.STOP
-        passed = [rung for rung in self.rungs if rung <= seen]
-        if not passed:
-            return TrialScheduler.CONTINUE
         number = self.numbers[trial.trial_id]
-        recorded = self.recorded[passed[-1]]
-        if number in recorded:  # decided at this rung already: a retried or resumed trial
+        rung = self._record(number, result)
+        if rung is None:
             return TrialScheduler.CONTINUE
-        score = float(result[METRIC]) if MODE == "max" else -float(result[METRIC])
-        recorded[number] = score
-        above = [rung for rung in self.rungs if rung > passed[-1]]
+        # Judged on its first score at the rung, against trials that had ended before it was
+        # proposed: a trial that reports there again (retried, or resumed from an earlier
+        # checkpoint) gets the verdict it had.
+        above = [higher for higher in self.rungs if higher > rung]
         next_point = above[0] if above else self.max_t
-        cutoff = self.cutoff(recorded, number, blind=next_point <= self.blind_until)
-        return TrialScheduler.STOP if score < cutoff else TrialScheduler.CONTINUE
+        cutoff = self.cutoff(self.recorded[rung], number, blind=next_point <= self.blind_until)
+        return TrialScheduler.STOP if self.recorded[rung][number] < cutoff else TrialScheduler.CONTINUE
+
+    def _record(self, number: int, result: dict) -> int | None:
+        """The highest rung this result passed, None below the first, recording trial `number`'s
+        score there unless it has one already."""
+        if IMAGES_SEEN not in result or METRIC not in result or result[IMAGES_SEEN] >= self.max_t:
+            return None
+        passed = [rung for rung in self.rungs if rung <= result[IMAGES_SEEN]]
+        if not passed:
+            return None
+        score = float(result[METRIC]) if MODE == "max" else -float(result[METRIC])
+        self.recorded[passed[-1]].setdefault(number, score)
+        return passed[-1]
 
     def cutoff(self, recorded: dict[int, float], number: int, blind: bool = True) -> float:
         """The score trial `number` must reach at a rung: ASHA's quantile over the trials that ended

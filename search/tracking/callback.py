@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import tune
 
-from search.storage import StoredFile, is_uri, trial_results
+from search.storage import StoredFile, is_uri, trial_number, trial_results
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import TRACKING_ERRORS
 from search.tracking.writer import (
@@ -74,7 +74,7 @@ def run_name(trial: Any, space: str) -> str:
     """
     config, final_of = trial_config(trial.config)
     searched = get_space(space).searched_values(config)
-    number = int(trial.experiment_tag.split("_", 1)[0])
+    number = trial_number(trial)
     label = [f"{number:03d}", "final"] if final_of is not None else [f"{number:03d}"]
     return " ".join([*label, *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
 
