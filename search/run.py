@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = f"the results are kept in {settings.sweep_location}"
         last_words.say(
             [
-                f"{PROG}: error: MLflow failed at the end ({first_line(error)}); {kept}. "
+                f"{PROG}: error: MLflow failed at the end, {first_line(error)}; {kept}. "
                 "Once MLflow is back, write them with:",
                 f"  {resume_command(argv, settings.sweep_name)}",
             ],

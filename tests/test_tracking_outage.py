@@ -3,6 +3,7 @@ when the sweep is killed during the outage, and every result lands once the serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,15 @@ from mlflow.tracking import MlflowClient
 
 from search.sweep.settings import SweepSettings
 from trainables.config import DataSettings
-from trainables.names import BEST_METRIC, CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, METRIC, SPEC_FILE
+from trainables.names import (
+    BEST_METRIC,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_FILE,
+    METRIC,
+    SPEC_FILE,
+    SWEEP_SETTINGS_ARTIFACT,
+    WAITING_UPLOADS_TAG,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +149,74 @@ def test_writes_still_waiting_at_the_end_are_made_by_resume(server, tmp_path):
     run_to_the_end(settings, "--resume")
     assert not settings.journal.exists()
     assert_every_epoch_once_and_the_true_best(settings)
+
+
+def test_an_artifact_store_that_fails_holds_back_only_the_uploads(server, tmp_path):
+    """The server's tracking store works and its artifact store cannot write: a new sweep is refused,
+    its parent closed; mid-sweep, metrics, params and run ends land at once while the uploads wait
+    in the journal, and a resume uploads them once the store is mended."""
+    artifacts = server.folder / "artifacts"  # where the server keeps artifacts: a file there breaks it
+    artifacts.mkdir(exist_ok=True)
+    mended = server.folder / "artifacts-mended"
+
+    def break_store() -> None:
+        artifacts.rename(mended)
+        artifacts.write_text("")  # every upload meets NotADirectoryError on the server
+
+    break_store()
+    settings = outage_sweep(tmp_path, server, "refused", epochs=3)
+    result = run_module("search.run", *sweep_args(settings), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "failed before the sweep began" in result.stderr
+    # What the server answered, not the retries' "HTTPConnectionPool(...): Max retries exceeded".
+    assert "the server answered 500 Internal Server Error" in result.stderr
+    assert sweep_parent(settings).info.status == "FAILED"  # exit 2 closes what it wrote
+
+    artifacts.unlink()
+    mended.rename(artifacts)
+    settings = outage_sweep(tmp_path, server, "uploads", epochs=3)
+    sweep = start_search_run([*sweep_args(settings), "--tracking-grace", "3s"], cwd=tmp_path)
+    try:
+        wait_for_the_parent_run(settings)  # its sweep.json uploaded; Ray and the trials start next
+        break_store()
+        _, stderr = sweep.communicate(timeout=600)
+    finally:
+        stop_process_group(sweep)
+    assert sweep.returncode == 3, stderr[-3000:]
+    assert "artifact store failed to take an upload (the server answered 500 Internal Server Error" in stderr
+    assert "HTTPConnectionPool" not in stderr
+    client = MlflowClient(settings.tracking_uri)
+    for child in trial_runs(settings):  # everything but the uploads landed while they failed
+        assert child.info.status == "FINISHED"
+        assert reported_epochs(settings.tracking_uri, child) == [1, 2, 3]
+        assert BEST_METRIC not in child.data.metrics  # logged with its checkpoint, never without
+        assert client.list_artifacts(child.info.run_id, CHECKPOINT_ARTIFACT) == []
+    parent = sweep_parent(settings)
+    assert parent.info.status == "FAILED"  # not left RUNNING: it says what waits
+    assert "wait in" in parent.data.tags[WAITING_UPLOADS_TAG]
+    waiting = {entry["kind"] for entry in json.loads(settings.journal.read_text())}
+    assert waiting == {"LogCheckpoint", "FinishSweep"}
+
+    artifacts.unlink()
+    mended.rename(artifacts)
+    run_to_the_end(settings, "--resume")
+    assert not settings.journal.exists()
+    assert_every_epoch_once_and_the_true_best(settings)
+    assert WAITING_UPLOADS_TAG not in sweep_parent(settings).data.tags
+
+
+def wait_for_the_parent_run(settings: SweepSettings, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):  # the experiment or the run is not there yet
+            parent = sweep_parent(settings)
+            if any(
+                item.path == SWEEP_SETTINGS_ARTIFACT
+                for item in MlflowClient(settings.tracking_uri).list_artifacts(parent.info.run_id)
+            ):
+                return
+        assert time.monotonic() < deadline, "the sweep's parent run did not appear"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("journal", ["intact", "half-written"])

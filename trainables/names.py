@@ -57,6 +57,7 @@ BEST_RUN_ID_TAG = "best_run_id"
 BEST_TRIAL_ID_TAG = "best_trial_id"
 SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained
 ORPHAN_TAG = "orphan"  # on a parent run closed FAILED because its sweep never began: why
+WAITING_UPLOADS_TAG = "waiting_uploads"  # on a parent run closed FAILED while uploads wait: what, where
 SOURCE_RUN_STATE_TAG = "source_run_state"  # on a retrain run whose trial was deleted: deleted, or missing
 
 # Artifacts, and the files of a checkpoint.

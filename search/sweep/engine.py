@@ -40,6 +40,7 @@ from search.tracking.store import (
     best_child_run,
     claim_sweep_name,
     default_tracking_uri,
+    failure_cause,
     get_or_create_experiment,
     is_diverged,
     open_store,
@@ -155,7 +156,7 @@ def _claim_name(settings: SweepSettings, tracking_uri: str) -> str | None:
 
 def _failed_before_the_sweep(tracking_uri: str, error: Exception) -> InputError:
     """Nothing has run yet: a store that refuses us is bad input."""
-    return InputError(f"MLflow at {tracking_uri} failed before the sweep began: {first_line(error)}")
+    return InputError(f"MLflow at {tracking_uri} failed before the sweep began: {failure_cause(error)}")
 
 
 def _check_resume(settings: SweepSettings) -> None:
@@ -298,7 +299,7 @@ def _sweep(
         tracker.finish_after_a_crash()
         storage_error = storage_failed
     if settings.journal.exists():
-        raise TrackingFailed(f"MLflow writes wait in {settings.journal}")
+        raise TrackingFailed(tracker.queue.waiting())
     try:
         outcome = _outcome(settings, tracking_uri, sweep_run.run_id)
     except TRACKING_ERRORS as error:

@@ -230,6 +230,9 @@ class SweepTracker(tune.Callback):
         while self.queue.pending and time.monotonic() < deadline:
             time.sleep(2.0)
             self.queue.flush(force=True)
+        if self.queue.only_uploads_wait:  # the parent says so, rather than stay RUNNING
+            with contextlib.suppress(*TRACKING_ERRORS):
+                self.queue.writer.close_while_uploads_wait(self.queue.waiting())
 
     def _rebuild_from_tune(self, trial: Any) -> None:
         """Writes again, from the results and checkpoints Tune keeps in the trial's folder (the

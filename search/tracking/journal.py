@@ -13,8 +13,8 @@ import sys
 import time
 
 from search.storage import StoredFile
-from search.tracking.store import TRACKING_ERRORS
-from search.tracking.writer import MlflowWriter, Operation
+from search.tracking.store import TRACKING_ERRORS, failure_cause
+from search.tracking.writer import MlflowWriter, Operation, UploadFailed
 from trainables.errors import first_line
 
 
@@ -55,7 +55,12 @@ class Journal:
 
 
 class WriteQueue:
-    """Applies operations in order; while MLflow fails, keeps them in the journal and retries."""
+    """Applies operations in order; while MLflow fails, keeps them in the journal and retries.
+
+    Two things can fail apart: the tracking store (then every write waits) and the artifact
+    store (then only the uploads wait, and what needs them: metrics, params, tags and statuses
+    go on). The writes that wait keep their order.
+    """
 
     RETRY_AFTER_S = 15.0
 
@@ -65,6 +70,9 @@ class WriteQueue:
         self.pending: list[Operation] = []
         self._journaled = False  # whether the journal file holds writes (so MLflow was failing)
         self._retry_at = 0.0  # no MLflow write before this time (after a failure)
+        self._uploads_retry_at = 0.0  # no upload before this time (after an upload failed)
+        self.tracking_failure: str | None = None  # why the tracking store failed, while it does
+        self.upload_failure: str | None = None  # why the artifact store failed, while it does
 
     def load(self) -> None:
         """At the start and on every resume: first what an earlier run could not write."""
@@ -78,21 +86,53 @@ class WriteQueue:
         if self.pending:  # the durability rule: on disk before returning
             self._write_journal()
 
+    @property
+    def only_uploads_wait(self) -> bool:
+        """Writes wait, and only for the artifact store: the tracking store takes writes."""
+        return bool(self.pending) and self.tracking_failure is None and self.upload_failure is not None
+
+    def waiting(self) -> str:
+        """What waits, and why, in one line."""
+        uploads = sum(operation.needs_uploads for operation in self.pending)
+        why = self.tracking_failure or self.upload_failure or "MLflow did not take them in time"
+        return f"{why}; {len(self.pending)} writes ({uploads} of them uploads) wait in {self.journal.file}"
+
     def flush(self, force: bool = False) -> None:
-        """Applies what waits, in order, unless a failure was too recent (and not forced)."""
-        if not self.pending or (time.monotonic() < self._retry_at and not force):
-            return
-        applied = 0
-        try:
-            for operation in self.pending:
+        """Applies what waits, in order, skipping what a failure too recent (and not forced) holds
+        back: everything after a tracking failure, the uploads after an upload failure."""
+        now = time.monotonic()
+        tracking_open = force or now >= self._retry_at
+        uploads_open = force or now >= self._uploads_retry_at
+        waiting: list[Operation] = []
+        for operation in self.pending:
+            if not tracking_open or (operation.needs_uploads and not uploads_open):
+                waiting.append(operation)
+                continue
+            try:
                 self.writer.apply(operation)
-                applied += 1
-        except TRACKING_ERRORS as error:
-            if not self._journaled:
-                print(f"MLflow at {self.writer.tracking_uri} failed ({first_line(error)[:200]}); training "
-                      f"goes on, writes wait in {self.journal.file}", file=sys.stderr)  # fmt: skip
-            self._retry_at = time.monotonic() + self.RETRY_AFTER_S
-        self.pending = self.pending[applied:]
+            except UploadFailed as error:
+                uploads_open, self._uploads_retry_at = False, now + self.RETRY_AFTER_S
+                if self.upload_failure is None:  # once an outage
+                    print(f"MLflow's artifact store failed to take an upload ({error}); metrics and run "
+                          f"statuses go on to {self.writer.tracking_uri}, uploads wait in "
+                          f"{self.journal.file}", file=sys.stderr)  # fmt: skip
+                self.upload_failure = f"its artifact store failed: {error}"
+                waiting.append(operation)
+                continue
+            except TRACKING_ERRORS as error:
+                tracking_open, self._retry_at = False, now + self.RETRY_AFTER_S
+                if self.tracking_failure is None:  # once an outage
+                    print(f"MLflow at {self.writer.tracking_uri} failed ({failure_cause(error)}); training "
+                          f"goes on, writes wait in {self.journal.file}", file=sys.stderr)  # fmt: skip
+                self.tracking_failure = f"{self.writer.tracking_uri} failed: {failure_cause(error)}"
+                waiting.append(operation)
+                continue
+            # Applied: what it waited for works.
+            self.tracking_failure = None
+            if operation.needs_uploads:
+                self.upload_failure = None
+        applied = len(self.pending) - len(waiting)
+        self.pending = waiting
         if self.pending:
             if applied:  # keep the journal to what still waits
                 self._write_journal()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +93,11 @@ class ScoredTrial:
         return self.run.data.metrics.get(BEST_METRIC, self.history[-1][1])
 
 
-def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -> None:
-    """Computes the report from the sweep's runs and logs it as artifacts of the parent run."""
+def write_sweep_report(
+    client: MlflowClient, parent: Run, children: list[Run], upload: Callable[[str, str], None]
+) -> None:
+    """Computes the report from the sweep's runs and uploads it, `upload(run_id, folder)`, as
+    artifacts of the parent run."""
     space = get_space(parent.data.tags[SPACE_TAG])
     scored = scored_trials(client, space, children)
     distributions = space.distributions()
@@ -121,7 +124,7 @@ def write_sweep_report(client: MlflowClient, parent: Run, children: list[Run]) -
                 best_note = f"No `{BEST_JSON}`: {error}."
             summary = summary_markdown(parent, children, top, distributions, importance, best_note, val_size)
             (folder / SUMMARY_MD).write_text(summary)
-            client.log_artifacts(parent.info.run_id, str(folder))
+            upload(parent.info.run_id, str(folder))
 
 
 def scored_trials(client: MlflowClient, space: SearchSpace, children: list[Run]) -> list[ScoredTrial]:

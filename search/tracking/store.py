@@ -13,12 +13,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 
 from search.tracking.uri import check_tracking_uri, sqlite_file
 from trainables.config import CIFAR10, FINAL_OF, DataSettings, TrialConfig
-from trainables.errors import InputError
+from trainables.errors import InputError, first_line
 from trainables.names import (
     BEST_METRIC,
     CHECKPOINT_ARTIFACT,
@@ -248,9 +250,14 @@ def start_sweep_run(
         run_name=sweep,
         tags={ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep, SPACE_TAG: space},
     )
-    client.log_batch(run.info.run_id, params=as_params(params))
-    client.log_dict(run.info.run_id, dict(params), SWEEP_SETTINGS_ARTIFACT)
-    log_datasets(client, run.info.run_id, datasets)
+    try:
+        client.log_batch(run.info.run_id, params=as_params(params))
+        client.log_dict(run.info.run_id, dict(params), SWEEP_SETTINGS_ARTIFACT)
+        log_datasets(client, run.info.run_id, datasets)
+    except TRACKING_ERRORS as error:  # the sweep will not begin: its parent is closed, not left RUNNING
+        with contextlib.suppress(*TRACKING_ERRORS):
+            close_orphan(client, run.info.run_id, f"its sweep never began: {failure_cause(error)}")
+        raise
     return SweepRun(run.info.run_id, experiment_id, sweep, datasets)
 
 
@@ -318,6 +325,20 @@ class TrackingFailed(Exception):
 
 # What a failing tracking store raises: MLflow's own errors, HTTP and file-system ones.
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+
+def failure_cause(error: BaseException) -> str:
+    """What a failed MLflow call comes down to, in one short line: the status a server answered
+    with (MLflow's retries otherwise bury it under "Max retries exceeded"), else the error itself."""
+    response = getattr(error, "response", None)  # a requests.HTTPError carries the server's answer
+    if response is not None:
+        return f"the server answered {response.status_code} {response.reason}: {response.text.strip()[:200]}"
+    text = first_line(error)
+    retried = re.search(r"too many (\d{3}) error responses", text)
+    if retried:
+        status = HTTPStatus(int(retried[1]))
+        return f"the server answered {status.value} {status.phrase} to every try, its log says why"
+    return text[:200]
 
 
 def log_last_words(tracking_uri: str, parent_run_id: str, text: str) -> None:

@@ -20,7 +20,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from search.tracking.report import write_sweep_report
-from search.tracking.store import SweepRun, as_params, best_child_run, child_runs, log_datasets
+from search.tracking.store import (
+    TRACKING_ERRORS,
+    SweepRun,
+    as_params,
+    best_child_run,
+    child_runs,
+    failure_cause,
+    log_datasets,
+)
 from trainables.names import (
     BEST_METRIC,
     BEST_RUN_ID_TAG,
@@ -33,6 +41,7 @@ from trainables.names import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
     TRIAL_ROLE,
+    WAITING_UPLOADS_TAG,
 )
 from trainables.stats import wilson_interval
 
@@ -47,6 +56,11 @@ class TrialRun:
     best: float = -math.inf  # the best accuracy whose checkpoint is logged
     steps: set[int] = dataclasses.field(default_factory=set)  # the steps (images seen) logged
     resumed: bool = False  # restarted on a run that already has epochs: tag where it went on
+
+
+class UploadFailed(Exception):
+    """The artifact store failed to take an upload: the writes that need it wait, the others go on
+    (a server's artifact store can fail while its tracking store works)."""
 
 
 class MlflowWriter:
@@ -94,11 +108,25 @@ class MlflowWriter:
         self._trials[trial_id] = TrialRun(run_id)
         return self._trials[trial_id]
 
+    def upload(self, run_id: str, folder: str, artifact_path: str | None = None) -> None:
+        """Logs a folder's files as the run's artifacts; a failure is the artifact store's."""
+        try:
+            self.client.log_artifacts(run_id, folder, artifact_path)
+        except TRACKING_ERRORS as error:
+            raise UploadFailed(failure_cause(error)) from error
+
+    def close_while_uploads_wait(self, waiting: str) -> None:
+        """At the end of a run with uploads still waiting: the parent is FAILED, not left RUNNING,
+        and says what waits; the FinishSweep that waits with them closes it for good."""
+        self.client.set_tag(self.sweep.run_id, WAITING_UPLOADS_TAG, waiting)
+        self.client.set_terminated(self.sweep.run_id, "FAILED")
+
 
 class Operation:
     """One write; `apply` performs it through the writer. Subclasses are frozen dataclasses."""
 
     KINDS: ClassVar[dict[str, type[Operation]]] = {}
+    needs_uploads: ClassVar[bool] = False  # waits while the artifact store fails
 
     def __init_subclass__(cls) -> None:
         Operation.KINDS[cls.__name__] = cls
@@ -200,6 +228,7 @@ class TagTrial(Operation):
 class LogCheckpoint(Operation):
     """Uploads a checkpoint when it is the trial's best so far; Tune keeps that one on disk."""
 
+    needs_uploads: ClassVar[bool] = True
     trial_id: str
     path: str
     accuracy: float
@@ -211,7 +240,7 @@ class LogCheckpoint(Operation):
             return
         if not Path(self.path).exists():
             return  # superseded and deleted by Tune while MLflow was down: a later write has the best
-        writer.client.log_artifacts(trial.run_id, self.path, CHECKPOINT_ARTIFACT)
+        writer.upload(trial.run_id, self.path, CHECKPOINT_ARTIFACT)
         best = Metric(BEST_METRIC, self.accuracy, int(time.time() * 1000), self.step)
         writer.client.log_batch(trial.run_id, metrics=[best])
         trial.best = self.accuracy
@@ -233,8 +262,10 @@ class EndTrial(Operation):
 
 @dataclass(frozen=True)
 class FinishSweep(Operation):
-    """Summarizes the sweep on its parent run and closes it: KILLED when interrupted."""
+    """Summarizes the sweep on its parent run and closes it: KILLED when interrupted. It waits for
+    the checkpoint uploads before it: the best it names has its checkpoint in MLflow."""
 
+    needs_uploads: ClassVar[bool] = True
     interrupted: bool
 
     def apply(self, writer: MlflowWriter) -> None:
@@ -257,5 +288,7 @@ class FinishSweep(Operation):
                     RunTag(BEST_TRIAL_ID_TAG, best.data.tags.get(TRIAL_ID_TAG, "")),
                 ],
             )
-        write_sweep_report(client, parent, children)
+        write_sweep_report(client, parent, children, writer.upload)
+        if WAITING_UPLOADS_TAG in parent.data.tags:  # they waited, and are written now
+            client.delete_tag(parent_id, WAITING_UPLOADS_TAG)
         client.set_terminated(parent_id, "KILLED" if self.interrupted else "FINISHED")
