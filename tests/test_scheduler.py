@@ -147,6 +147,12 @@ def test_a_resumed_sweep_decides_as_the_uninterrupted_one(tmp_path):
     restored = InOrderASHA(RUNGS, max_t=END, reduction_factor=3, window=WINDOW, epoch_images=END)
     for trial in reversed(before):  # latest result first, as Tune's restore adds them
         restored.on_trial_add(None, trial)
+    restored.on_trial_add(
+        None,
+        Trial(
+            "train_convnet", stub=True, experiment_tag="10_x", storage=StorageContext(str(tmp_path), "sweep")
+        ),
+    )  # a new trial: no folder yet
     made |= straight(before, restored, range(5, 9))
     assert made == uninterrupted
     assert TrialScheduler.STOP in made.values() and TrialScheduler.CONTINUE in made.values()

@@ -60,7 +60,7 @@ class InOrderASHA(FIFOScheduler):
         # it, though it adds the trials back latest result first. The scheduler itself is not
         # restored, so a restored trial's verdicts come back from the results Tune kept of it.
         number = self.numbers[trial.trial_id] = trial_number(trial) - 1
-        if trial.storage is not None:  # None only for a trial Tune has not placed yet
+        if trial.storage is not None and trial.storage.trial_dir_name:  # a new trial has no folder yet
             for result in trial_results(Path(trial.path)) or []:
                 self._record(number, result)
 
