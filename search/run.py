@@ -43,7 +43,7 @@ from search.sweep.settings import (
     check_ray_address,
 )
 from search.tracking.uri import check_reachable
-from spaces import space_names
+from spaces import SearchSpace, get_space, parse_fix, parse_range, space_names, space_record
 from trainables.config import PRECISIONS
 from trainables.errors import first_line
 from trainables.recipe import RECIPES
@@ -55,9 +55,32 @@ if TYPE_CHECKING:  # only for annotations: importing it loads torch, Ray and MLf
 PROG = "search.run"
 
 
-def parse_settings(argv: list[str] | None = None) -> SweepSettings:
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, SweepSettings | None]:
+    """The arguments, and the sweep they ask for (None for --list-spaces, which needs no space)."""
     parser = OneLineParser(prog=PROG, description=__doc__)
-    parser.add_argument("--space", required=True, help=f"search space: {', '.join(space_names())}")
+    space = parser.add_argument_group("search space")
+    space.add_argument(
+        "--space",
+        help=f"{', '.join(space_names())}, or your own: FILE.py:FUNCTION or MODULE:FUNCTION",
+    )
+    space.add_argument(
+        "--range",
+        action="append",
+        default=[],
+        metavar="NAME=LOW:HIGH[:log]",
+        help="sample a searched parameter from this range instead (repeatable)",
+    )
+    space.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pin a searched parameter, or a constant of the space, to a value (repeatable)",
+    )
+    space.add_argument(
+        "--show", action="store_true", help="print the space's parameters and first point, and exit"
+    )
+    space.add_argument("--list-spaces", action="store_true", help="print the assignment's spaces, and exit")
     add_data_options(parser)
     sweep = parser.add_argument_group("sweep")
     option = _options_of(sweep)
@@ -127,8 +150,14 @@ def parse_settings(argv: list[str] | None = None) -> SweepSettings:
     shown.add_argument("--verbose", action="store_true", help="show Tune's own tables instead of one line")
     shown.add_argument("--quiet", action="store_true", help="print only the final summary")
     args = parser.parse_args(argv)
-    return SweepSettings(
+    if args.list_spaces:
+        return args, None
+    if args.space is None:
+        parser.error("the following arguments are required: --space")
+    return args, SweepSettings(
         space=args.space,
+        ranges=tuple(parse_range(text) for text in args.range),
+        fixed=tuple(parse_fix(text) for text in args.fix),
         data=data_settings(args, seed=args.seed),
         epochs=args.epochs,
         num_samples=args.num_samples,
@@ -267,9 +296,32 @@ def resume_command(argv: list[str], sweep: str) -> str:
     return shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "search.run", *args])
 
 
+def space_lines(space: SearchSpace) -> list[str]:
+    """--show: each parameter with its range, scale and where it came from; the constants; the first
+    point, and what --range and --fix changed in it."""
+    record = space_record(space)
+    lines = [f"{space.name}: {space.summary}", f"  ({record['space']})"]
+    lines += [f"  {name:<16} {part['range']:<28} {part['from']}" for name, part in record["searched"].items()]
+    lines += [f"  {name:<16} {value!s:<28} --fix" for name, value in record["fixed"].items()]
+    constants = ", ".join(
+        f"{name}={value}" for name, value in record["constants"].items() if name not in record["fixed"]
+    )
+    lines.append(f"constants: {constants}")
+    first = ", ".join(f"{name}={value}" for name, value in space.first_point.items()) or "none"
+    return [*lines, f"first point: {first}", *space.notes]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    settings = parse_settings(argv)
+    args, settings = parse_arguments(argv)
+    if settings is None:  # --list-spaces
+        print("\n".join(f"{name:<10} {get_space(name).summary}" for name in space_names()))
+        return EXIT_OK
+    if args.show:
+        print("\n".join(space_lines(settings.search_space)))
+        return EXIT_OK
+    if settings.search_space.notes:  # what --range and --fix changed in the first point
+        print("\n".join(settings.search_space.notes))
     if settings.tracking_uri is not None:
         check_reachable(settings.tracking_uri)
     check_ray_address(settings.address)

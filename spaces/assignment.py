@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from spaces.registry import register_space
+from spaces.space import register_space
 from trainables.config import TrialConfig
 
 # The band of lr / (1 - momentum) that the nesterov space searches (see there). Up to 0.05 while

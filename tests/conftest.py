@@ -110,6 +110,8 @@ def sweep_args(settings: Any) -> list[str]:
     args += ["--tracking-uri", settings.tracking_uri, "--storage-path", settings.storage_path]
     if settings.experiment is not None:
         args += ["--experiment", settings.experiment]
+    args += [arg for range_ in settings.ranges for arg in ("--range", str(range_))]
+    args += [arg for name, value in settings.fixed for arg in ("--fix", f"{name}={value}")]
     return [*args, "--name", settings.sweep_name]
 
 

@@ -30,8 +30,7 @@ from ray import tune
 from search import run
 from search.sweep.engine import run_sweep
 from search.sweep.settings import SweepSettings
-from spaces import registry
-from spaces.registry import SearchSpace
+from spaces import register_space
 from trainables.names import METRIC
 from trainables.trainable import train_convnet
 
@@ -39,6 +38,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = 3
 
 
+@register_space(summary="test only", first_point={"lr": 5000.0})
 def exploding(trial: optuna.Trial) -> dict:
     """Learning rates far too high for plain SGD, even a tenth of them (one cycle's first steps warm
     up from a ninth of the peak): every trial's loss leaves the finite numbers."""
@@ -53,11 +53,7 @@ def exploding(trial: optuna.Trial) -> dict:
     }
 
 
-@pytest.fixture
-def exploding_space(monkeypatch):
-    space = SearchSpace("exploding", "test only", exploding, {"lr": 5000.0})
-    monkeypatch.setitem(registry._SPACES, "exploding", space)  # gone again after the test
-    return space
+EXPLODING = f"{__file__}:exploding"  # this file, as a user's space file is named
 
 
 def sweep_settings(image_folder: Path, workdir: Path, space: str, **overrides) -> SweepSettings:
@@ -67,9 +63,9 @@ def sweep_settings(image_folder: Path, workdir: Path, space: str, **overrides) -
 
 
 def test_diverging_trials_stop_at_once_show_in_mlflow_and_tell_optuna_a_finite_value(
-    image_folder, tmp_path, ray_runtime, exploding_space
+    image_folder, tmp_path, ray_runtime
 ):
-    settings = sweep_settings(image_folder, tmp_path, "exploding")  # ASHA, max_t = 3 epochs
+    settings = sweep_settings(image_folder, tmp_path, EXPLODING)  # ASHA, max_t = 3 epochs
     outcome = run_sweep(settings)
     assert outcome.diverged == 3 and outcome.trial_statuses == {"FINISHED": 3}
     assert outcome.best_accuracy is None and "all 3 diverged" in outcome.no_best_reason

@@ -14,7 +14,10 @@ from search.storage import StoredFile
 from search.tracking.journal import Journal, WriteQueue
 from search.tracking.store import start_sweep_run
 from search.tracking.writer import EndTrial, LogReport, MlflowWriter, StartTrial
+from spaces import get_space
 from trainables.names import METRIC
+
+SGD = get_space("sgd")
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +40,9 @@ def epoch(step: int) -> LogReport:
 
 
 def test_writes_made_while_mlflow_is_down_are_on_disk_before_submit_returns(store, down, tmp_path):
-    sweep = start_sweep_run(MlflowClient(store), "journal", "down", "sgd", {}, ())
+    sweep = start_sweep_run(MlflowClient(store), "journal", "down", SGD, {}, ())
     journal = Journal(StoredFile(str(tmp_path / "journal.json")))
-    queue = WriteQueue(MlflowWriter(down, sweep), journal)
+    queue = WriteQueue(MlflowWriter(down, sweep, SGD), journal)
     operations = [StartTrial("t1", "001 lr=0.01", {"lr": 0.01}), epoch(1), epoch(2)]
     for submitted, operation in enumerate(operations, start=1):
         queue.submit(operation)
@@ -48,16 +51,16 @@ def test_writes_made_while_mlflow_is_down_are_on_disk_before_submit_returns(stor
 
 def test_a_journal_is_written_once_when_mlflow_is_back_even_if_replayed_twice(store, down, tmp_path):
     client = MlflowClient(store)
-    sweep = start_sweep_run(client, "journal", "replay", "sgd", {}, ())
+    sweep = start_sweep_run(client, "journal", "replay", SGD, {}, ())
     journal = Journal(StoredFile(str(tmp_path / "journal.json")))
-    down_queue = WriteQueue(MlflowWriter(down, sweep), journal)
+    down_queue = WriteQueue(MlflowWriter(down, sweep, SGD), journal)
     for operation in (StartTrial("t1", "001", {"lr": 0.01}), epoch(1), epoch(2), EndTrial("t1", "FINISHED")):
         down_queue.submit(operation)
     saved = journal.file.read_text()
 
     for _ in range(2):  # a crash after the writes but before the journal's removal replays it
         journal.file.write_text_atomically(saved)
-        WriteQueue(MlflowWriter(store, sweep), journal).load()
+        WriteQueue(MlflowWriter(store, sweep, SGD), journal).load()
         assert not journal.exists()
     (run,) = client.search_runs([sweep.experiment_id], "tags.trial_id = 't1' and tags.sweep = 'replay'")
     assert [point.step for point in client.get_metric_history(run.info.run_id, METRIC)] == [1, 2]

@@ -17,13 +17,27 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import free_port, small_sweep, start_search_run, sweep_args
+from conftest import free_port, run_module, small_sweep, start_search_run, sweep_args
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 NUM_SAMPLES = 2
+
+# A user's own space, in a file outside the package: it searches what the assignment's spaces never
+# did, a kernel and the batch size.
+SPACE_FILE = """
+from spaces import register_space
+
+
+@register_space(summary="kernel and batch of the Module model", first_point={"kernel_1": 5, "batch_size": 32})
+def kernels(trial):
+    trial.suggest_categorical("kernel_1", [3, 5])
+    trial.suggest_categorical("batch_size", [16, 32])
+    trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+    return {"model": "module", "optimizer": "sgd", "momentum": 0.0, "channel_1": 8, "channel_2": 8}
+"""
 
 # Started in the namespace: starts a head, says so, waits for a line on stdin, then stops it.
 HEAD_SCRIPT = """
@@ -65,13 +79,19 @@ def ray_head():
         assert stdout.strip() == "stopped"
 
 
-def test_a_sweep_runs_its_trials_on_an_existing_ray_cluster(ray_head, image_folder, tmp_path, monkeypatch):
+def test_a_users_space_sweeps_on_an_existing_ray_cluster_and_its_best_retrains(
+    ray_head, image_folder, tmp_path, monkeypatch
+):
     for name, value in ray_head["auth"].items():
         monkeypatch.setenv(name, value)
+    space_file = tmp_path / "team" / "my_spaces.py"
+    space_file.parent.mkdir()
+    space_file.write_text(SPACE_FILE)
     # Shared storage as a multi-node sweep names it: a URI that pyarrow's filesystems resolve.
     settings = small_sweep(
         image_folder,
         tmp_path,
+        space=f"{space_file}:kernels",
         num_samples=NUM_SAMPLES,
         storage_path=f"file://{tmp_path}/ray",
         name="on-cluster",
@@ -84,9 +104,22 @@ def test_a_sweep_runs_its_trials_on_an_existing_ray_cluster(ray_head, image_fold
     assert sweep.returncode == 0, stderr
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("cifar10-nesterov")
+    experiment = client.get_experiment_by_name("cifar10-kernels")
     children = client.search_runs([experiment.experiment_id], "tags.role = 'trial'")
     assert len(children) == NUM_SAMPLES and all(run.info.status == "FINISHED" for run in children)
+    for child in children:  # configs of the user's function, trained as they say
+        assert child.data.params["kernel_1"] in {"3", "5"} and child.data.params["batch_size"] in {"16", "32"}
+        assert child.data.params["model"] == "module"
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.role = 'sweep'")
+    assert parent.data.tags["space"] == f"{space_file}:kernels"
+    space = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "space.json", str(tmp_path))).read_text()
+    )
+    assert space["searched"]["kernel_1"] == {"range": "one of [3, 5]", "from": "the space"}
+    importance = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "importance.json", str(tmp_path))).read_text()
+    )
+    assert {"kernel_1", "batch_size", "lr"} <= set(json.dumps(importance).replace('"', " ").split())
 
     # The trials ran on that head: each result's worker pid (as seen in the head's PID namespace)
     # is one of the head's own trial workers, named in the head's logs.
@@ -100,3 +133,18 @@ def test_a_sweep_runs_its_trials_on_an_existing_ray_cluster(ray_head, image_fold
         if ":actor_name:train_convnet" in path.read_text(errors="replace")
     }
     assert {result["pid"] for result in results} <= head_trial_workers
+
+    # Its best exported and retrained, as for the assignment's spaces.
+    best = tmp_path / "best.json"
+    tracking = ["--tracking-uri", tracking_uri]
+    exported = run_module(
+        "search.export", "--experiment", "cifar10-kernels", *tracking, "--out", str(best), cwd=tmp_path
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(best.read_text())["space"] == f"{space_file}:kernels"
+    metrics = tmp_path / "metrics.json"
+    retrained = run_module(
+        "search.retrain", str(best), "--epochs", "1", "--out", str(metrics), cwd=tmp_path, timeout=300
+    )
+    assert retrained.returncode == 0, retrained.stderr
+    assert 0.0 <= json.loads(metrics.read_text())["test_acc"] <= 1.0

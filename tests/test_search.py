@@ -12,8 +12,7 @@ from conftest import optuna_trials, reported_epochs, small_sweep, sweep_parent, 
 from optuna.trial import TrialState
 
 from search.sweep.engine import run_sweep
-from spaces import registry
-from spaces.registry import SearchSpace
+from spaces import parse_range, register_space
 from trainables.config import DataSettings
 from trainables.names import TRAIN_TFLOP
 from trainables.recipe import AS_THE_ASSIGNMENT_TRAINED
@@ -86,46 +85,78 @@ def test_a_compute_budget_ends_the_sweep_at_the_trial_its_seed_fixes(images, tmp
     assert all(trial.state.is_finished() for trial in optuna_trials(settings))  # all told, none RUNNING
 
 
-LR_RANGE = {"low": 1e-4, "high": 1e-1}  # the warm-start test narrows it between two sweeps
+NARROWING = f"{__file__}:narrowing"  # this file, as a user's space file is named
 
 
+@register_space(summary="test only", first_point={"lr": 1e-2})
 def narrowing(trial: optuna.Trial) -> dict:
-    trial.suggest_float("lr", LR_RANGE["low"], LR_RANGE["high"], log=True)
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     return {"model": "module", "optimizer": "sgd", "momentum": 0.0, "channel_1": 8, "channel_2": 4}
 
 
-def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(
-    images, tmp_path, ray_runtime, monkeypatch
-):
-    monkeypatch.setitem(
-        registry._SPACES, "narrowing", SearchSpace("narrowing", "test only", narrowing, {"lr": 1e-2})
-    )
-    first = sweep_of(images, tmp_path, space="narrowing", num_samples=5, scheduler="fifo", name="first")
+def renamed(trial: optuna.Trial) -> dict:
+    """The same space under another name: a warm start takes its sweeps' trials too."""
+    return narrowing(trial)
+
+
+def wider_first_conv(trial: optuna.Trial) -> dict:
+    """The same parameter, with another constant: its trials are no points of narrowing."""
+    return {**narrowing(trial), "channel_1": 16}
+
+
+def test_a_second_sweep_starts_from_the_first_and_skips_what_no_longer_fits(images, tmp_path, ray_runtime):
+    first = sweep_of(images, tmp_path, space=NARROWING, num_samples=5, scheduler="fifo", name="first")
     run_sweep(first)
     first_lrs = sorted(trial.params["lr"] for trial in optuna_trials(first))
-    monkeypatch.setitem(LR_RANGE, "low", first_lrs[1] * 0.999)  # the lowest lr falls outside the new range
 
-    second = sweep_of(images, tmp_path, space="narrowing", num_samples=3, scheduler="fifo", name="second")
+    # Narrowed from the command line: the lowest lr falls outside the new range.
+    narrowed = (parse_range(f"lr={first_lrs[1] * 0.999!r}:0.1:log"),)
+    second = sweep_of(
+        images, tmp_path, space=NARROWING, ranges=narrowed, num_samples=3, scheduler="fifo", name="second"
+    )
     outcome = run_sweep(second)
     assert (outcome.warm_start, outcome.warm_start_skipped) == (4, 1)
     warm = [trial for trial in optuna_trials(second) if trial.user_attrs.get("warm_start_from") == "first"]
     assert sorted(trial.params["lr"] for trial in warm) == first_lrs[1:]
     assert all(trial.state == TrialState.COMPLETE for trial in warm)
-    # Its own trials are new configs: neither the assignment's point, which the first sweep scored,
+    # Its own trials are new configs: neither the first point, which the first sweep scored,
     # nor the first sweep's random start-up points drawn again from the same seed.
     own = [trial.params["lr"] for trial in optuna_trials(second) if "warm_start_from" not in trial.user_attrs]
     assert len(own) == 3 and not set(own) & set(first_lrs)
     assert sweep_parent(second).data.params["warm_start_trials"] == "4"
 
+    # Another name for the same space warms from both; the same name with another constant, from none.
+    experiment = first.experiment_name
+    again = sweep_of(
+        images,
+        tmp_path,
+        space=f"{__file__}:renamed",
+        experiment=experiment,
+        num_samples=1,
+        scheduler="fifo",
+        name="again",
+    )
+    assert run_sweep(again).warm_start == 5 + 3
+    other = sweep_of(
+        images,
+        tmp_path,
+        space=f"{__file__}:wider_first_conv",
+        experiment=experiment,
+        num_samples=1,
+        scheduler="fifo",
+        name="wider",
+    )
+    assert run_sweep(other).warm_start == 0
+
     other_split = DataSettings(source=str(images), root=str(tmp_path / "cache"), val_size=60)
     elsewhere = small_sweep(
-        images, tmp_path, data=other_split, space="narrowing", num_samples=2, scheduler="fifo", name="other"
+        images, tmp_path, data=other_split, space=NARROWING, num_samples=2, scheduler="fifo", name="other"
     )
     assert run_sweep(elsewhere).warm_start == 0  # another validation split: not comparable
     constant = sweep_of(
         images,
         tmp_path,
-        space="narrowing",
+        space=NARROWING,
         num_samples=1,
         scheduler="fifo",
         recipe=AS_THE_ASSIGNMENT_TRAINED,

@@ -49,7 +49,7 @@ from search.tracking.store import (
     status_counts,
 )
 from search.tracking.uri import check_reachable
-from spaces import SearchSpace, get_space
+from spaces import SearchSpace
 from trainables.config import FINAL_OF
 from trainables.data import ImageSplits, image_inventory, load_splits
 from trainables.errors import InputError, first_line
@@ -117,7 +117,7 @@ def run_sweep(
     `on_abandon` runs when a stop signal took Ray down and the process must leave without a
     clean end: search.run prints the resume command there.
     """
-    space = get_space(settings.space)
+    space = settings.search_space
     tracking_uri = settings.tracking_uri or default_tracking_uri()
     make_local_folder(settings.storage)
     _check_resume(settings)
@@ -196,12 +196,12 @@ def _sweep(
         if settings.warm_start and not settings.resume:  # a resume's study has them already
             experiment_id = get_or_create_experiment(client, settings.experiment_name)
             past = finished_trials(
-                client, experiment_id, space.name, settings.sweep_name, params, datasets[0], plan.complete_at
+                client, experiment_id, space, settings.sweep_name, params, datasets[0], plan.complete_at
             )
         warm_start, skipped = warm_start_trials(space, past)
         params.update(warm_start_trials=len(warm_start), warm_start_skipped=skipped)
         sweep_run = start_sweep_run(
-            client, settings.experiment_name, settings.sweep_name, space.name, params, datasets
+            client, settings.experiment_name, settings.sweep_name, space, params, datasets
         )
     except TRACKING_ERRORS as error:
         raise _failed_before_the_sweep(tracking_uri, error) from None
@@ -224,7 +224,7 @@ def _sweep(
     tracker = SweepTracker(
         tracking_uri,
         sweep_run,
-        space.name,
+        space,
         settings.num_samples,
         settings.epochs,
         settings.journal,
@@ -237,7 +237,7 @@ def _sweep(
     callbacks: list[tune.Callback] = [tracker, PruneEndedTrials()]
     if settings.output == "progress":
         budget = settings.compute_budget
-        callbacks.append(SweepProgress(settings.space, settings.num_samples, settings.epochs, budget))
+        callbacks.append(SweepProgress(space, settings.num_samples, settings.epochs, budget))
     verbose = 2 if settings.output == "verbose" else 0
     if settings.resume:
         tuner = tune.Tuner.restore(settings.sweep_location, resourced, resume_errored=True)

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from search.tracking.callback import run_name, trained_tflop
+from spaces import SearchSpace
 from trainables.names import DIVERGED, EPOCH, METRIC
 
 
@@ -78,7 +79,7 @@ class SweepProgress(tune.Callback):
 
     def __init__(
         self,
-        space: str,
+        space: SearchSpace,
         num_samples: int,
         max_epochs: int,
         compute_budget: float = math.inf,

@@ -88,6 +88,8 @@ def warm_start_trials(space: SearchSpace, past: list[PastTrial]) -> tuple[list[F
         if not all(_within(distributions[name], values.get(name)) for name in distributions):
             skipped += 1
             continue
+        if not space.builds(trial.config):
+            continue  # a trial of another space that searched the same names, with other constants
         attrs = {"warm_start_from": trial.sweep}
         trials.append(
             create_trial(params=values, distributions=distributions, value=trial.value, user_attrs=attrs)
@@ -155,8 +157,8 @@ def make_searcher(
         direction="maximize" if MODE == "max" else "minimize",
     )
     study.add_trials(history)
-    if not any(_same_point(trial.params, space.first_point) for trial in history):
-        study.enqueue_trial(space.first_point)  # the assignment's point, unless a warm start scored it
+    if space.first_point and not any(_same_point(trial.params, space.first_point) for trial in history):
+        study.enqueue_trial(space.first_point)  # the space's first point, unless a warm start scored it
     return SweepSearcher(
         space,
         study,

@@ -15,7 +15,7 @@ from typing import Any
 
 from search.storage import StoredFile, check_storage, is_uri, join, resolve_storage
 from search.tracking.uri import check_tracking_uri
-from spaces import get_space
+from spaces import Range, SearchSpace, load_space, space_record
 from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
 from trainables.names import LAST_WORDS_TXT
@@ -42,7 +42,9 @@ COMPUTE_BUDGET_TFLOP_PER_EPOCH = 60.0
 class SweepSettings:
     """Every option of `search.run`, validated; the CLI builds one from its arguments."""
 
-    space: str
+    space: str  # --space: a short name, FILE.py:FUNCTION or MODULE:FUNCTION (spaces.loading)
+    ranges: tuple[Range, ...] = ()  # --range: searched parameters sampled from other ranges
+    fixed: tuple[tuple[str, Any], ...] = ()  # --fix: parameters or constants pinned, (name, value)
     data: DataSettings = field(default_factory=DataSettings)
     epochs: int = 1  # most epochs a trial gets (ASHA's max_t)
     # The most trials; on the nesterov space the compute budget ends a sweep first (13-16 trials in
@@ -85,7 +87,7 @@ class SweepSettings:
     output: str = "progress"  # one of OUTPUTS: a status line, Tune's own tables, or nothing
 
     def __post_init__(self) -> None:
-        get_space(self.space)  # an unknown name fails here, with the known ones
+        self.search_space  # noqa: B018  (a space that cannot be swept fails here, in one line)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.data.val_size >= 1, f"--val-size must be >= 1, got {self.data.val_size}"),
@@ -131,13 +133,18 @@ class SweepSettings:
             check_tracking_uri(self.tracking_uri)
         check_storage(self.storage_path)  # a URI no filesystem reads fails here, before any work
         if self.name is None:  # fixed once, so every reader sees the same name
-            object.__setattr__(self, "name", f"{self.space}-{time.strftime('%Y%m%d-%H%M%S')}")
+            object.__setattr__(self, "name", f"{self.search_space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if self.rungs is None:  # resolved once too: the parent run and the identity record the number
             object.__setattr__(self, "rungs", self._rungs_to_the_lowest())
 
     @property
+    def search_space(self) -> SearchSpace:
+        """--space under --range and --fix (spaces.loading loads each once)."""
+        return load_space(self.space, self.ranges, self.fixed)
+
+    @property
     def experiment_name(self) -> str:
-        return self.experiment or f"cifar10-{self.space}"
+        return self.experiment or f"cifar10-{self.search_space.name}"
 
     @property
     def storage(self) -> str:
@@ -209,8 +216,10 @@ class SweepSettings:
         """
         data = self.data
         source = data.source if data.source == CIFAR10 else str(Path(data.source).resolve())
+        record = space_record(self.search_space)
         return {
-            "--space": self.space,
+            "--space": record["space"],
+            "space": space_identity(record),
             "--data": source,
             "--val-size": data.val_size,
             "--max-train-images": data.max_train_images,
@@ -236,6 +245,10 @@ class SweepSettings:
             legacy = Recipe.from_record({"schedule": recorded.pop("--schedule", UNRECORDED_SCHEDULE)})
             recorded.update(recipe_flags(legacy))
         now = self.identity()
+        if "space" in recorded:  # recorded since 2026-12-07: what the space searched, and its constants
+            changes = space_changes(recorded.pop("space"), now.pop("space"))
+            if changes:
+                self._refuse_resume(f"its space changed: {changes}")
         changed = [(flag, value) for flag, value in recorded.items() if now.get(flag) != value]
         if changed:
             flag, value = changed[0]
@@ -264,6 +277,30 @@ class SweepSettings:
     def sweep_name(self) -> str:
         assert self.name is not None  # set in __post_init__
         return self.name
+
+
+def space_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes a space what it is, of its record: each searched range, each constant."""
+    searched = {name: parameter["range"] for name, parameter in record["searched"].items()}
+    return {"searched": searched, "constants": record["constants"]}
+
+
+def space_changes(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two identities of a space (space_identity), parameter by parameter."""
+    changes = []
+    for part in ("searched", "constants"):
+        was, new = before.get(part, {}), now.get(part, {})
+        for name in sorted(set(was) | set(new)):
+            if was.get(name) != new.get(name):
+                old_value, new_value = (_as_said(side.get(name), part) for side in (was, new))
+                changes.append(f"{name} was {old_value}, now {new_value}")
+    return "; ".join(changes)
+
+
+def _as_said(value: Any, part: str) -> str:
+    if value is None:
+        return "not searched" if part == "searched" else "unset"
+    return str(value)
 
 
 def recipe_flags(recipe: Recipe) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from search.tracking.writer import (
     SweepRun,
     TagTrial,
 )
-from spaces import get_space
+from spaces import SearchSpace
 from trainables.config import trial_config
 from trainables.names import (
     DIVERGED,
@@ -66,23 +66,23 @@ def final_status(trial: Any, max_epochs: int) -> str:
     return "FINISHED" if trial.status == "TERMINATED" and ended else "KILLED"
 
 
-def run_name(trial: Any, space: str) -> str:
+def run_name(trial: Any, space: SearchSpace) -> str:
     """The trial's MLflow run name, also used in the progress lines: its number and searched values.
 
     The number is the order Tune created the trial in (the start of its experiment
     tag), which a resume keeps: the name is unique in its sweep, and stable.
     """
     config, final_of = trial_config(trial.config)
-    searched = get_space(space).searched_values(config)
+    searched = space.searched_values(config)
     number = trial_number(trial)
     label = [f"{number:03d}", "final"] if final_of is not None else [f"{number:03d}"]
     return " ".join([*label, *(f"{name}={_short(searched[name])}" for name in sorted(searched))])
 
 
-def run_params(trial: Any, space: str) -> dict[str, Any]:
+def run_params(trial: Any, space: SearchSpace) -> dict[str, Any]:
     """The trial's MLflow params: its config, and the values its space searched where the config
     holds them only derived (nesterov's effective_step), so the MLflow UI sorts and plots by them."""
-    searched = get_space(space).searched_values(trial_config(trial.config)[0])
+    searched = space.searched_values(trial_config(trial.config)[0])
     return {**searched, **trial.config}
 
 
@@ -101,7 +101,7 @@ class SweepTracker(tune.Callback):
         self,
         tracking_uri: str,
         sweep: SweepRun,
-        space: str,
+        space: SearchSpace,
         num_samples: int,
         max_epochs: int,
         journal: StoredFile,
@@ -131,7 +131,7 @@ class SweepTracker(tune.Callback):
         # At the end, write again from Tune's own records whatever MLflow lacks: on a resume, and
         # whenever the journal of an earlier run was unreadable.
         self.rebuild = rebuild
-        self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep), Journal(journal))
+        self.queue = WriteQueue(MlflowWriter(tracking_uri, sweep, space), Journal(journal))
         self.open_trials: dict[str, None] = {}  # started and not ended, in the order they started
         self.errors: list[str] = []  # the errors of the trials that failed in this run
         self.params_logged: set[str] = set()

@@ -14,9 +14,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from search.tracking.store import ImageDataset, child_runs, is_diverged
+from search.tracking.store import ImageDataset, child_runs, is_diverged, searched_tag
+from spaces import SearchSpace
 from trainables.config import FINAL_OF, TrialConfig
-from trainables.names import EPOCH, METRIC, ROLE_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
+from trainables.names import EPOCH, METRIC, ROLE_TAG, SEARCHED_TAG, SPACE_TAG, SWEEP_ROLE, SWEEP_TAG
 from trainables.recipe import Recipe
 
 # The parent-run params that must match for two sweeps' trials to be comparable.
@@ -36,19 +37,28 @@ class PastTrial:
 def finished_trials(
     client: MlflowClient,
     experiment_id: str,
-    space: str,
+    space: SearchSpace,
     sweep: str,
     params: Mapping[str, Any],
     train_images: ImageDataset,  # what this sweep trains on: comparable sweeps trained on the same
     complete_at: float,  # the epochs after which a trial of the search has trained to its end
 ) -> list[PastTrial]:
-    """The trials of the experiment's other sweeps of this space, comparable to this sweep's, that
+    """The trials of the experiment's other sweeps that searched the same parameters (whatever the
+    space was named) or named this space, comparable to this sweep's, that
     trained to the search's end, oldest sweep first. Comparable: the same settings, recipe and
     training images (the digest of the parent's dataset input, which changes with the files and
     the split). A final trial (--top-rung best) is not one: it trained past the search, at another
     fidelity."""
-    query = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}' and tags.{SPACE_TAG} = '{space}'"
-    parents = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
+    sweeps = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}'"
+    found = {  # MLflow's filters have no OR: one search for each, by run ID
+        parent.info.run_id: parent
+        for query in (
+            f"tags.{SEARCHED_TAG} = '{searched_tag(space)}'",
+            f"tags.{SPACE_TAG} = '{space.reference}'",
+        )
+        for parent in client.search_runs([experiment_id], f"{sweeps} and {query}")
+    }
+    parents = sorted(found.values(), key=lambda parent: parent.info.start_time)
     wanted = {name: str(params[name]) for name in COMPARABLE_PARAMS}
     recipe = Recipe.from_params(params)
     trials = []

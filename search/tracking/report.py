@@ -39,7 +39,7 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 
 from search.tracking.best import best_trial, write_best
 from search.tracking.store import is_diverged, status_counts, trial_table
-from spaces import SearchSpace, get_space
+from spaces import SearchSpace
 from trainables.config import TrialConfig
 from trainables.errors import InputError
 from trainables.names import (
@@ -94,11 +94,14 @@ class ScoredTrial:
 
 
 def write_sweep_report(
-    client: MlflowClient, parent: Run, children: list[Run], upload: Callable[[str, str], None]
+    client: MlflowClient,
+    parent: Run,
+    children: list[Run],
+    space: SearchSpace,
+    upload: Callable[[str, str], None],
 ) -> None:
-    """Computes the report from the sweep's runs and uploads it, `upload(run_id, folder)`, as
-    artifacts of the parent run."""
-    space = get_space(parent.data.tags[SPACE_TAG])
+    """Computes the report from the sweep's runs over the space they searched, and uploads it,
+    `upload(run_id, folder)`, as artifacts of the parent run."""
     scored = scored_trials(client, space, children)
     distributions = space.distributions()
     top = sorted(scored, key=lambda trial: (-trial.accuracy, trial.run.info.start_time))[:TOP_TRIALS]

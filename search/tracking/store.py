@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from search.tracking.uri import check_tracking_uri, sqlite_file
+from spaces import SearchSpace, space_record
 from trainables.config import CIFAR10, FINAL_OF, DataSettings, TrialConfig
 from trainables.errors import InputError, first_line
 from trainables.names import (
@@ -43,6 +44,8 @@ from trainables.names import (
     ORPHAN_TAG,
     REPORTED_METRICS,
     ROLE_TAG,
+    SEARCHED_TAG,
+    SPACE_ARTIFACT,
     SPACE_TAG,
     SWEEP_HOST_PARAM,
     SWEEP_LOCATION_PARAM,
@@ -231,11 +234,16 @@ class SweepRun:
     datasets: tuple[ImageDataset, ...]  # what every trial trains and validates on
 
 
+def searched_tag(space: SearchSpace) -> str:
+    """What a parent's SEARCHED_TAG holds: warm start finds sweeps of other names by it."""
+    return ",".join(sorted(space.distributions()))
+
+
 def start_sweep_run(
     client: MlflowClient,
     experiment: str,
     sweep: str,
-    space: str,
+    space: SearchSpace,
     params: Mapping[str, Any],
     datasets: tuple[ImageDataset, ...],
 ) -> SweepRun:
@@ -248,11 +256,17 @@ def start_sweep_run(
     run = client.create_run(
         experiment_id,
         run_name=sweep,
-        tags={ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep, SPACE_TAG: space},
+        tags={
+            ROLE_TAG: SWEEP_ROLE,
+            SWEEP_TAG: sweep,
+            SPACE_TAG: space.reference,
+            SEARCHED_TAG: searched_tag(space),
+        },
     )
     try:
         client.log_batch(run.info.run_id, params=as_params(params))
         client.log_dict(run.info.run_id, dict(params), SWEEP_SETTINGS_ARTIFACT)
+        client.log_dict(run.info.run_id, space_record(space), SPACE_ARTIFACT)
         log_datasets(client, run.info.run_id, datasets)
     except TRACKING_ERRORS as error:  # the sweep will not begin: its parent is closed, not left RUNNING
         with contextlib.suppress(*TRACKING_ERRORS):

@@ -29,6 +29,7 @@ from search.tracking.store import (
     failure_cause,
     log_datasets,
 )
+from spaces import SearchSpace
 from trainables.names import (
     BEST_METRIC,
     BEST_RUN_ID_TAG,
@@ -66,9 +67,10 @@ class UploadFailed(Exception):
 class MlflowWriter:
     """Applies operations to the store, finding each trial's run once and remembering it."""
 
-    def __init__(self, tracking_uri: str, sweep: SweepRun) -> None:
+    def __init__(self, tracking_uri: str, sweep: SweepRun, space: SearchSpace) -> None:
         self.tracking_uri = tracking_uri
         self.sweep = sweep
+        self.space = space  # what the sweep searched: the report's ranges
         self._client: MlflowClient | None = None
         self._trials: dict[str, TrialRun] = {}
 
@@ -288,7 +290,7 @@ class FinishSweep(Operation):
                     RunTag(BEST_TRIAL_ID_TAG, best.data.tags.get(TRIAL_ID_TAG, "")),
                 ],
             )
-        write_sweep_report(client, parent, children, writer.upload)
+        write_sweep_report(client, parent, children, writer.space, writer.upload)
         if WAITING_UPLOADS_TAG in parent.data.tags:  # they waited, and are written now
             client.delete_tag(parent_id, WAITING_UPLOADS_TAG)
         client.set_terminated(parent_id, "KILLED" if self.interrupted else "FINISHED")
