@@ -19,6 +19,7 @@ import requests
 from conftest import MlflowServer, reported_epochs, small_sweep, start_search_run, sweep_args
 from mlflow.tracking import MlflowClient
 
+from trainables.config import DataSettings
 from trainables.names import (
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_FILE,
@@ -36,6 +37,9 @@ NUM_SAMPLES = 3
 EPOCHS = 2
 EXPERIMENT = "remote-sweep"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The README's picture of the UI (docs/mlflow-ui.png) is this test's screenshot, taken again with
+# MLFLOW_UI_PICTURE=docs/mlflow-ui.png MLFLOW_UI_DATA=<real images> pytest tests/test_mlflow_server.py
+PICTURE, PICTURE_DATA = os.environ.get("MLFLOW_UI_PICTURE"), os.environ.get("MLFLOW_UI_DATA")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,12 @@ def remote_sweep(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(workdir / "server")
     server.folder.mkdir()
     server.start()
+    images = image_folder if PICTURE_DATA is None else Path(PICTURE_DATA)
+    data = DataSettings(
+        source=str(images), root=str(workdir / "cache"), val_size=9 if PICTURE_DATA is None else 300
+    )
     settings = small_sweep(
-        image_folder, workdir, num_samples=NUM_SAMPLES, epochs=EPOCHS, scheduler="fifo", name="remote",
+        images, workdir, data=data, num_samples=NUM_SAMPLES, epochs=EPOCHS, scheduler="fifo", name="remote",
         tracking_uri=server.uri, experiment=EXPERIMENT,
     )  # fmt: skip
     sweep = start_search_run(sweep_args(settings), cwd=workdir)
@@ -221,7 +229,7 @@ def test_the_ui_lists_the_parent_run_with_its_children_nested_under_it(remote_sw
     }
     for link in child_links.values():
         wait_for(driver, shown.visibility_of_element_located(link), screenshots, "runs-expanded")
-    driver.save_screenshot(str(screenshots / "experiment.png"))
+    driver.save_screenshot(PICTURE or str(screenshots / "experiment.png"))
 
     def row_index(run_id: str) -> int:
         return int(driver.find_element(By.XPATH, row(run_id)).get_attribute("aria-rowindex"))

@@ -245,14 +245,15 @@ class SweepSettings:
             legacy = Recipe.from_record({"schedule": recorded.pop("--schedule", UNRECORDED_SCHEDULE)})
             recorded.update(recipe_flags(legacy))
         now = self.identity()
-        if "space" in recorded:  # recorded since 2026-12-07: what the space searched, and its constants
-            changes = space_changes(recorded.pop("space"), now.pop("space"))
-            if changes:
-                self._refuse_resume(f"its space changed: {changes}")
+        space_was, space_now = recorded.pop("space", None), now.pop("space")
         changed = [(flag, value) for flag, value in recorded.items() if now.get(flag) != value]
-        if changed:
+        if changed:  # another --space first, by name
             flag, value = changed[0]
             self._refuse_resume(f"its {flag} was {value!r}, now {now.get(flag)!r}")
+        # Recorded since 2026-12-07: what the space searched, and its constants (an edited file).
+        changes = space_was and space_changes(space_was, space_now)
+        if changes:
+            self._refuse_resume(f"its space changed: {changes}")
         if self.images_file.exists():  # recorded since 2026-12-07
             from trainables.data import image_inventory, inventory_changes  # torch: a resume needs it anyway
 
