@@ -42,6 +42,7 @@ from search.sweep.settings import (
     SweepSettings,
     check_ray_address,
 )
+from search.sweep.signals import StopSignals, SweepStopped
 from search.tracking.uri import check_reachable
 from spaces import SearchSpace, get_space, parse_fix, parse_range, space_names, space_record
 from trainables.config import PRECISIONS
@@ -312,7 +313,23 @@ def space_lines(space: SearchSpace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """search.run; no stop signal or Ctrl-C ever ends it with a traceback or by the default action."""
     argv = sys.argv[1:] if argv is None else argv
+    with StopSignals() as stop:
+        try:
+            return _main(argv, stop)
+        except SweepStopped as stopped:  # before the sweep began (later ones are handled in _main)
+            print(
+                f"{PROG}: stopped by {signal.Signals(stopped.signum).name} before the sweep began",
+                file=sys.stderr,
+            )
+            return EXIT_SIGNALLED + stopped.signum
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted before the sweep began", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str], stop: StopSignals) -> int:
     args, settings = parse_arguments(argv)
     if settings is None:  # --list-spaces
         print("\n".join(f"{name:<10} {get_space(name).summary}" for name in space_names()))
@@ -329,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
     # an unreachable server or cluster, have been refused by then.
     from search.sweep.engine import run_sweep
-    from search.sweep.signals import SweepStopped
     from search.tracking.store import TrackingFailed
 
     last_words = LastWords(argv, settings)
@@ -338,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         last_words.interrupted(settings.sweep_name, signum)
         last_words.keep()
 
+    stop.on_abandon.append(abandoned)
     try:
-        outcome = run_sweep(settings, on_abandon=abandoned)
+        outcome = run_sweep(settings, stop=stop)
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once
         last_words.interrupted(settings.sweep_name)
         last_words.keep()

@@ -257,3 +257,37 @@ def test_a_stop_signal_is_handled_like_ctrl_c_and_a_resume_completes(
     if then_resume:  # every case leaves the same state, checked above: one resume shows it completes
         resume_to_the_end(settings)
         assert_complete_sweep(settings, parent.info.run_id)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGTERM, 143, "search.run: stopped by SIGTERM before the sweep began"),
+        (signal.SIGHUP, 129, "search.run: stopped by SIGHUP before the sweep began"),
+        (signal.SIGINT, 130, "search.run: interrupted before the sweep began"),
+    ],
+)
+def test_a_stop_before_the_sweep_began_says_so_in_one_line(signum, code, said, tmp_path):
+    """Not the default action (killed by the signal, nothing said) nor a traceback: the signal
+    strikes while search.run waits for its tracking server, which accepts and never answers."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(30)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "search.run", "--space", "sgd", "--tracking-uri", uri],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        connection, _ = listener.accept()  # search.run is checking the server: its handlers are in
+        with connection:
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=30)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [said]

@@ -110,12 +110,12 @@ STORAGE_FULL = ("No space left on device", "Disk quota exceeded")
 def run_sweep(
     settings: SweepSettings,
     trainable: Trainable = train_convnet,
-    on_abandon: Callable[[int], None] | None = None,
+    stop: StopSignals | None = None,
 ) -> SweepOutcome:
     """Runs (or resumes) the sweep to its end and reads its outcome back from MLflow.
 
-    `on_abandon` runs when a stop signal took Ray down and the process must leave without a
-    clean end: search.run prints the resume command there.
+    `stop`: search.run's, in effect since it started, whose `on_abandon` prints the resume
+    command when a stop signal took Ray down; None: one of its own, for this call.
     """
     space = settings.search_space
     tracking_uri = settings.tracking_uri or default_tracking_uri()
@@ -127,15 +127,17 @@ def run_sweep(
     check_ray_address(settings.address)
     splits = load_splits(settings.data)  # once, on the driver; trials get it from the object store
     with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(StopSignals())
         with held_back():  # from the Ray processes started here, and until our handlers are in
             if start_ray(settings.address, settings.output):
                 # Also flushes the workers' last log lines before the summary is printed.
                 stack.callback(ray.shutdown)
-            # After Ray's start, which sets a SIGTERM handler of its own.
-            stop = stack.enter_context(StopSignals())
-        if on_abandon is not None:
-            stop.on_abandon.append(on_abandon)
-        outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
+            stop.install()  # again: Ray's start sets a SIGTERM handler of its own
+        try:
+            outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
+        finally:
+            stop.over()  # from here on (Ray's shutdown too) a stop signal changes nothing
         outcome.closed_orphan = orphan
         return outcome
 

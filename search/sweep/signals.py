@@ -42,8 +42,9 @@ def held_back() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class SweepStopped(Exception):
-    """A stop signal arrived where the sweep could not end gracefully: before Tune ran, or twice."""
+class SweepStopped(BaseException):
+    """A stop signal arrived where the sweep could not end gracefully: before Tune ran, or twice.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` on the way may swallow it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -51,7 +52,11 @@ class SweepStopped(Exception):
 
 
 class StopSignals:
-    """While in effect, turns SIGTERM and SIGHUP into Tune's graceful stop; remembers which came."""
+    """While in effect (all of search.run's life), no SIGTERM or SIGHUP ends the process by the
+    default action, which would leave runs RUNNING and say nothing. Before the sweep runs, the first
+    raises SweepStopped; while Tune runs, it asks Tune for the graceful stop; once the sweep is over
+    (`over`), it is only noted, so the outcome stands and its summary is finished. A second one
+    raises SweepStopped at once."""
 
     GRACE_S = 20.0  # a graceful stop takes a few seconds; with Ray gone, it never ends
 
@@ -61,12 +66,21 @@ class StopSignals:
         # without Ray, print how to resume.
         self.on_abandon: list[Callable[[int], None]] = []
         self._previous: dict[int, Any] = {}
-        self._ended = threading.Event()
+        self._ended = threading.Event()  # the sweep is over: no watchdog needs to abandon it
 
     def __enter__(self) -> StopSignals:
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def install(self) -> None:
+        """In again, after something else took the signals (Ray's start sets a SIGTERM handler)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def over(self) -> None:
+        """The sweep has ended, its outcome read: a stop signal now changes nothing but the speed."""
+        self._ended.set()
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
@@ -78,6 +92,8 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = self.received or signum
+        if first and self._ended.is_set():
+            return  # the outcome stands; the summary and the last words follow at once
         # Tune listens for SIGUSR1 as for Ctrl-C while it runs (and only then: otherwise
         # SIGUSR1 would end the process).
         if first and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
