@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -246,4 +247,8 @@ def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
             raise
         sys.stderr.write(f"{prog}: error: MLflow: {first_line(error)}\n")
         code = EXIT_TRACKING_FAILED
+    # The command is done and its code decided. Python's exit restores the default handlers and then
+    # takes a second or two (Ray's exit hooks): a stop signal there would end the process as killed
+    # (-15), its outcome told as lost. Held back instead, it dies with the process, unanswered.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     sys.exit(code)
