@@ -17,6 +17,7 @@ from optuna.distributions import (
 )
 
 from trainables.config import TrialConfig
+from trainables.errors import InputError
 
 # A define-by-run space: calls trial.suggest_* for what it searches, and returns the rest of the
 # config: the constants, and whatever it derives from what it searched.
@@ -71,7 +72,9 @@ class SearchSpace:
         overridden = Overridden(trial, self)
         decided = self.define(overridden)  # type: ignore[arg-type]
         searched = {name: value for name, value in overridden.params.items() if name in CONFIG_FIELDS}
-        constants = {name: value for name, value in self.fixed if name not in overridden.pinned}
+        # A --fix the function did not ask for pins a constant of it (only a config field can be).
+        pinned, fixed = overridden.pinned, self.fixed
+        constants = {name: value for name, value in fixed if name in CONFIG_FIELDS and name not in pinned}
         return TrialConfig.from_dict({**searched, **decided, **constants})
 
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -97,7 +100,10 @@ class SearchSpace:
     def builds(self, config: TrialConfig) -> bool:
         """Whether the space, given the values it would have searched for this config, builds it: a
         trial of another space that searched the same names, with other constants, does not."""
-        rebuilt = self.config_for(optuna.trial.FixedTrial(self.searched_values(config))).to_dict()  # type: ignore[arg-type]
+        try:
+            rebuilt = self.config_for(optuna.trial.FixedTrial(self.searched_values(config))).to_dict()  # type: ignore[arg-type]
+        except (InputError, ValueError):  # its values build nothing valid here
+            return False
         return all(_same(rebuilt[name], value) for name, value in config.to_dict().items())
 
 
@@ -120,10 +126,16 @@ class RecordingTrial:
     """Stands in for an Optuna trial to see what a space searches: each suggestion returns the given
     value for its name (else its range's low end, or first choice) and records its distribution."""
 
+    number = 0  # what a function may read of an Optuna trial, besides its suggestions
+
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
         self.distributions: dict[str, BaseDistribution] = {}
         self.params: dict[str, Any] = {}
+        self.user_attrs: dict[str, Any] = {}
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False

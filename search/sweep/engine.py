@@ -29,7 +29,7 @@ from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address
-from search.sweep.signals import StopSignals, held_back
+from search.sweep.signals import StopSignals, held_back, keeping_stop_handlers
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -132,7 +132,7 @@ def run_sweep(
         with held_back():  # from the Ray processes started here, and until our handlers are in
             if start_ray(settings.address, settings.output):
                 # Also flushes the workers' last log lines before the summary is printed.
-                stack.callback(ray.shutdown)
+                stack.callback(shut_down_ray)
             stop.install()  # again: Ray's start sets a SIGTERM handler of its own
         try:
             outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
@@ -140,6 +140,14 @@ def run_sweep(
             stop.over()  # from here on (Ray's shutdown too) a stop signal changes nothing
         outcome.closed_orphan = orphan
         return outcome
+
+
+def shut_down_ray() -> None:
+    """Ray's shutdown, with our stop-signal handlers kept: its C++ logger resets SIGTERM to the
+    default as it begins, behind Python's back, and a SIGTERM in the seconds it then takes killed
+    the sweep before its summary (found by the chaos test)."""
+    with keeping_stop_handlers():
+        ray.shutdown()
 
 
 def _claim_name(settings: SweepSettings, tracking_uri: str) -> str | None:

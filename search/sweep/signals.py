@@ -19,8 +19,10 @@ signal's exit code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
@@ -40,6 +42,40 @@ def held_back() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def keeping_stop_handlers(poll_s: float = 0.005) -> Iterator[None]:
+    """Meanwhile, a thread puts the process's handlers of SIGTERM and SIGHUP back whenever C code
+    resets them (Ray's shutdown does), so that a signal then is still ours, not the default's
+    (which would kill the process). On Linux, through libc's sigaction; elsewhere, nothing."""
+    if sys.platform != "linux":
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = 256  # more than glibc's struct sigaction: it is kept and put back whole, never read
+    kept = {signum: ctypes.create_string_buffer(size) for signum in STOP_SIGNALS}
+    for signum, action in kept.items():
+        libc.sigaction(signum, None, action)
+    done = threading.Event()
+
+    def keep() -> None:
+        now = ctypes.create_string_buffer(size)
+        while not done.wait(poll_s):
+            for signum, action in kept.items():
+                libc.sigaction(signum, None, now)
+                if now.raw[:8] != action.raw[:8]:  # the handler's address, the struct's first field
+                    libc.sigaction(signum, action, None)
+
+    keeper = threading.Thread(target=keep, name="keep-stop-handlers", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        keeper.join()
+        for signum, action in kept.items():
+            libc.sigaction(signum, action, None)
 
 
 class SweepStopped(BaseException):

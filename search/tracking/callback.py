@@ -216,7 +216,7 @@ class SweepTracker(tune.Callback):
         """From the stop watchdog's thread, when Tune is stuck for good (Ray went down with a stop
         signal): the trials under way and the sweep are KILLED, written straight to MLflow, since
         the queue belongs to the stuck thread. What cannot be written now, a resume rebuilds."""
-        writer = MlflowWriter(self.settings["tracking_uri"], self.settings["sweep"])
+        writer = MlflowWriter(self.settings["tracking_uri"], self.settings["sweep"], self.space)
         for trial_id in list(self.open_trials):
             with contextlib.suppress(*TRACKING_ERRORS, LookupError):
                 writer.apply(EndTrial(trial_id, "KILLED", only_if_started=True))
