@@ -7,6 +7,7 @@ decorated with `register_space`, or a plain function of an Optuna trial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -15,6 +16,7 @@ import importlib.util
 import math
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,6 +26,7 @@ from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    distribution_to_json,
 )
 
 from spaces import assignment
@@ -43,7 +46,7 @@ def space_names() -> list[str]:
 
 def get_space(reference: str) -> SearchSpace:
     """The space --space names, as written; no --range or --fix."""
-    return load_space(reference)
+    return load_space(reference, (), ())
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,6 +57,7 @@ def load_space(
     with any of them. Cached: a space's function is run again only for another reference."""
     base, resolved = _resolve(reference)
     _check_space(base)
+    fixed = _check_overrides(base, ranges, fixed)
     space = SearchSpace(
         base.name,
         base.summary,
@@ -64,11 +68,30 @@ def load_space(
         ranges=ranges,
         fixed=fixed,
     )
-    _check_overrides(base, ranges, fixed)
-    first_point, notes = first_point_within(space, base.first_point)
+    with _running(space):
+        first_point, notes = first_point_within(space, base.first_point)
     space = dataclasses.replace(space, first_point=first_point, notes=tuple(notes))
     _check_space(space)
+    with _running(space):
+        space_record(space)  # at both ends of every range, the space builds a valid config
+    if not space.distributions():
+        pinned = f" once --fix pins {', '.join(name for name, _ in fixed)}" if fixed else ""
+        raise InputError(f"space {space.name} searches nothing{pinned}: a sweep needs a parameter to search")
     return space
+
+
+@contextlib.contextmanager
+def _running(space: SearchSpace) -> Iterator[None]:
+    """Meanwhile the space's function runs: whatever it raises, or a config it returns that fails
+    validation, is one line that names the space (and where in the user's file)."""
+    try:
+        yield
+    except InputError as error:
+        raise InputError(f"space {space.name} returns a config that fails validation: {error}") from None
+    except Exception as error:
+        code = getattr(space.define, "__code__", None)
+        where = _where_in(error, Path(code.co_filename)) if code is not None else space.name
+        raise InputError(f"space {space.name} failed at {where}: {_one_line(error)}") from None
 
 
 def _resolve(reference: str) -> tuple[SearchSpace, str]:
@@ -152,14 +175,9 @@ def _check_space(space: SearchSpace) -> None:
     """The space's function runs, suggests only names the config knows (or that its params_of
     derives), and builds a config that passes validation, at its first point."""
     recorder = RecordingTrial(space.first_point)
-    try:
+    with _running(space):
         space.distributions()
         config = space.config_for(recorder)  # type: ignore[arg-type]
-    except InputError as error:
-        raise InputError(f"space {space.name} returns a config that fails validation: {error}") from None
-    except Exception as error:
-        where = _where_in(error, Path(space.define.__code__.co_filename))
-        raise InputError(f"space {space.name} failed at {where}: {_one_line(error)}") from None
     known = CONFIG_FIELDS | set(space.params_of(config))
     unknown = sorted(set(recorder.params) - known)
     if unknown:
@@ -171,9 +189,10 @@ def _check_space(space: SearchSpace) -> None:
 
 def _check_overrides(
     space: SearchSpace, ranges: tuple[Range, ...], fixed: tuple[tuple[str, Any], ...]
-) -> None:
-    searched = space.distributions()
-    constants = constant_fields(space)
+) -> tuple[tuple[str, Any], ...]:
+    """Refuses a --range or --fix the space cannot take; the pins, a whole number made an int."""
+    with _running(space):
+        searched, constants = space.distributions(), constant_fields(space)
     for range_ in ranges:
         distribution = searched.get(range_.name)
         if distribution is None:
@@ -189,6 +208,11 @@ def _check_overrides(
             float(edge).is_integer() for edge in (range_.low, range_.high)
         ):
             raise InputError(f"--range {range_}: {range_.name} is a whole number, so are its LOW and HIGH")
+        step = getattr(distribution, "step", None)
+        if range_.log and step not in (None, 1):
+            raise InputError(
+                f"--range {range_}: {range_.name} moves in steps of {step:g}, which a log range cannot"
+            )
     for name, value in fixed:
         if name not in searched and name not in constants:
             raise InputError(
@@ -202,6 +226,11 @@ def _check_overrides(
     both = {name for name, _ in fixed} & {range_.name for range_ in ranges}
     if both:
         raise InputError(f"{', '.join(sorted(both))}: given both a --range and a --fix")
+    whole = {name for name, distribution in searched.items() if isinstance(distribution, IntDistribution)}
+    whole |= {
+        name for name, value in constants.items() if isinstance(value, int) and not isinstance(value, bool)
+    }
+    return tuple((name, int(value) if name in whole else value) for name, value in fixed)
 
 
 def _fits_kind(distribution: BaseDistribution, value: Any) -> bool:
@@ -261,6 +290,8 @@ def describe(distribution: BaseDistribution) -> str:
         return f"one of {list(distribution.choices)}"
     kind = "int" if isinstance(distribution, IntDistribution) else "float"
     scale = ", log" if distribution.log else ""  # type: ignore[attr-defined]
+    step = getattr(distribution, "step", None)
+    scale += f", step {step:g}" if step not in (None, 1) else ""
     return f"{kind} {distribution.low:g}..{distribution.high:g}{scale}"  # type: ignore[attr-defined]
 
 
@@ -270,7 +301,11 @@ def space_record(space: SearchSpace) -> dict[str, Any]:
     return {
         "space": space.reference,
         "searched": {
-            name: {"range": describe(distribution), "from": "--range" if name in ranged else "the space"}
+            name: {
+                "range": describe(distribution),
+                "from": "--range" if name in ranged else "the space",
+                "distribution": distribution_to_json(distribution),  # exact, for the identity
+            }
             for name, distribution in sorted(space.distributions().items())
         },
         "fixed": {name: value for name, value in space.fixed},
@@ -310,7 +345,10 @@ def parse_fix(text: str) -> tuple[str, Any]:
         raise InputError(f"--fix {text}: expected NAME=VALUE")
     for kind in (int, float):
         try:
-            return name, kind(value)
+            number = kind(value)
         except ValueError:
             continue
+        if not math.isfinite(number):
+            raise InputError(f"--fix {text}: VALUE must be finite")
+        return name, number
     return name, value

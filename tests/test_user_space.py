@@ -118,6 +118,9 @@ def test_ranges_and_pins_from_the_command_line_change_what_is_searched(space_fil
         config = space.config_for(study.ask())
         assert (config.batch_size, config.channel_1) == (32, 16)  # a pinned parameter, a pinned constant
         assert 32 <= config.channel_2 <= 256 and 0.02 <= config.lr <= 0.05
+    # A whole number pinned as 16.0 is the int 16, as the space would have suggested it.
+    (pin,) = load_space(f"{space_file}:wide", (), (("channel_2", 16.0),)).fixed
+    assert pin == ("channel_2", 16) and isinstance(pin[1], int)
 
 
 def test_a_space_travels_to_another_process_as_its_reference_and_overrides(space_file):
@@ -185,6 +188,17 @@ def test_a_space_travels_to_another_process_as_its_reference_and_overrides(space
             "--fix batch=32: space nesterov neither searches 'batch' nor sets it to a constant",
         ),
         (None, ["--space", "nesterov", "--range", "channel_2=16.5:64"], "channel_2 is a whole number"),
+        (
+            None,
+            ["--space", "nesterov", "--range", "channel_1=0:128"],
+            "space nesterov returns a config that fails validation: channel_1 must be >= 1, got 0",
+        ),  # at an end of the new range: refused now, not once trials sample there
+        (None, ["--space", "nesterov", "--fix", "momentum=inf"], "--fix momentum=inf: VALUE must be finite"),
+        (
+            SPACE_FILE,
+            ["--space", "{file}:plain", "--fix", "lr=0.01"],
+            "space plain searches nothing once --fix pins lr",
+        ),
     ],
 )
 def test_a_space_that_cannot_be_swept_is_refused_in_one_line_before_anything_runs(

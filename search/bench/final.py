@@ -171,7 +171,8 @@ def _today_settings(data: DataSettings, seed: int, workdir: Path) -> SweepSettin
 def _identity(settings: SweepSettings) -> dict[str, Any]:
     """What makes a pipeline's sweep what it is, but its folder of images: one for each run of the
     benchmark, where the images are the conditions' own."""
-    return {flag: value for flag, value in settings.identity().items() if flag != "--data"}
+    # Nor its space's record, which the kept runs predate: the space is the pipeline's own, by name.
+    return {flag: value for flag, value in settings.identity().items() if flag not in ("--data", "space")}
 
 
 def _today_identity(settings: SweepSettings) -> dict[str, Any]:

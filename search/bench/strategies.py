@@ -117,7 +117,10 @@ def run_search_benchmark(
         "audit_images": audit_images,
         "audit_seed": AUDIT_SEED,
         "strategies": [asdict(strategy) for strategy in strategies],
-        "defaults": SweepSettings(space=SPACE).identity(),  # what makes a sweep what it is
+        # What makes a sweep what it is; its space as below (kept records predate the identity's).
+        "defaults": {
+            flag: value for flag, value in SweepSettings(space=SPACE).identity().items() if flag != "space"
+        },
         "space": {  # and what it searches: a record made over other ranges is not reused
             name: distribution_to_json(distribution)
             for name, distribution in get_space(SPACE).distributions().items()

@@ -85,6 +85,9 @@ def warm_start_trials(space: SearchSpace, past: list[PastTrial]) -> tuple[list[F
     trials, skipped = [], 0
     for trial in past:
         values = space.searched_values(trial.config)
+        if set(values) != set(distributions):  # another branch of a conditional space
+            skipped += 1
+            continue
         if not all(_within(distributions[name], values.get(name)) for name in distributions):
             skipped += 1
             continue

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import json_to_distribution
+
 from search.storage import StoredFile, check_storage, is_uri, join, resolve_storage
 from search.tracking.uri import check_tracking_uri
 from spaces import Range, SearchSpace, load_space, space_record
+from spaces.loading import describe
 from trainables.config import CIFAR10, PRECISIONS, DataSettings
 from trainables.errors import InputError
 from trainables.names import LAST_WORDS_TXT
@@ -87,6 +90,8 @@ class SweepSettings:
     output: str = "progress"  # one of OUTPUTS: a status line, Tune's own tables, or nothing
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ranges", tuple(self.ranges))  # hashable: the loaded space is cached
+        object.__setattr__(self, "fixed", tuple(tuple(pin) for pin in self.fixed))
         self.search_space  # noqa: B018  (a space that cannot be swept fails here, in one line)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -282,7 +287,7 @@ class SweepSettings:
 
 def space_identity(record: dict[str, Any]) -> dict[str, Any]:
     """What makes a space what it is, of its record: each searched range, each constant."""
-    searched = {name: parameter["range"] for name, parameter in record["searched"].items()}
+    searched = {name: parameter["distribution"] for name, parameter in record["searched"].items()}
     return {"searched": searched, "constants": record["constants"]}
 
 
@@ -301,7 +306,7 @@ def space_changes(before: dict[str, Any], now: dict[str, Any]) -> str:
 def _as_said(value: Any, part: str) -> str:
     if value is None:
         return "not searched" if part == "searched" else "unset"
-    return str(value)
+    return describe(json_to_distribution(value)) if part == "searched" else str(value)
 
 
 def recipe_flags(recipe: Recipe) -> dict[str, Any]:

@@ -50,12 +50,12 @@ def finished_trials(
     the split). A final trial (--top-rung best) is not one: it trained past the search, at another
     fidelity."""
     sweeps = f"tags.{ROLE_TAG} = '{SWEEP_ROLE}'"
+    queries = [f"tags.{SEARCHED_TAG} = '{searched_tag(space)}'"]
+    if "'" not in space.reference:  # a quote in a file's path would end MLflow's filter string
+        queries.append(f"tags.{SPACE_TAG} = '{space.reference}'")
     found = {  # MLflow's filters have no OR: one search for each, by run ID
         parent.info.run_id: parent
-        for query in (
-            f"tags.{SEARCHED_TAG} = '{searched_tag(space)}'",
-            f"tags.{SPACE_TAG} = '{space.reference}'",
-        )
+        for query in queries
         for parent in client.search_runs([experiment_id], f"{sweeps} and {query}")
     }
     parents = sorted(found.values(), key=lambda parent: parent.info.start_time)

@@ -102,8 +102,11 @@ def write_sweep_report(
 ) -> None:
     """Computes the report from the sweep's runs over the space they searched, and uploads it,
     `upload(run_id, folder)`, as artifacts of the parent run."""
-    scored = scored_trials(client, space, children)
     distributions = space.distributions()
+    # Those that searched what the space's first pass does (a conditional space has other branches).
+    scored = [
+        trial for trial in scored_trials(client, space, children) if set(trial.searched) == set(distributions)
+    ]
     top = sorted(scored, key=lambda trial: (-trial.accuracy, trial.run.info.start_time))[:TOP_TRIALS]
     val_size = int(parent.data.params.get("data_val_size", 0))
     with _quiet_optuna():
