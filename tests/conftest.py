@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,14 @@ class MlflowServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A real `mlflow server` of the test's own, on SQLite in its folder, killed afterwards."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+    server = MlflowServer(folder)
+    server.start()
+    yield server
+    server.kill()

@@ -65,16 +65,6 @@ class Round:
     stderr: str
 
 
-@pytest.fixture
-def server(tmp_path):
-    folder = tmp_path / "server"
-    folder.mkdir()
-    server = MlflowServer(folder)
-    server.start()
-    yield server
-    server.kill()
-
-
 def chaos_sweep(tmp_path: Path, server: MlflowServer, number: int) -> SweepSettings:
     """The same sweep each time (so each can be held against one uninterrupted run), in an
     experiment of its own (so no warm start mixes them): ASHA over 6 trials of 2 epochs."""

@@ -43,16 +43,6 @@ pytestmark = pytest.mark.slow
 EPOCHS = 8
 
 
-@pytest.fixture
-def server(tmp_path):
-    folder = tmp_path / "server"
-    folder.mkdir()
-    server = MlflowServer(folder)
-    server.start()
-    yield server
-    server.kill()
-
-
 def outage_sweep(tmp_path: Path, server: MlflowServer, name: str, epochs: int = EPOCHS) -> SweepSettings:
     images = write_image_folder(tmp_path / "images", per_class=200)
     data = DataSettings(source=str(images), root=str(tmp_path / "cache"), val_size=30)
