@@ -249,6 +249,8 @@ def run_command(prog: str, main: Callable[[], int]) -> NoReturn:
         code = EXIT_TRACKING_FAILED
     # The command is done and its code decided. Python's exit restores the default handlers and then
     # takes a second or two (Ray's exit hooks): a stop signal there would end the process as killed
-    # (-15), its outcome told as lost. Held back instead, it dies with the process, unanswered.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    # (-15), its outcome told as lost. Ignored instead, in every thread (a blocked signal would still
+    # reach the threads that numpy's import starts), it dies with the process, unanswered.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

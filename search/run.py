@@ -345,7 +345,7 @@ def _main(argv: list[str], stop: StopSignals) -> int:
     settings.check_resumes_the_same_sweep()
     # Only now the heavy part: torch, Ray and MLflow take seconds to load, and bad options,
     # an unreachable server or cluster, have been refused by then.
-    from search.sweep.engine import run_sweep
+    from search.sweep.engine import run_sweep, tune_saved
     from search.tracking.store import TrackingFailed
 
     last_words = LastWords(argv, settings)
@@ -358,10 +358,14 @@ def _main(argv: list[str], stop: StopSignals) -> int:
     try:
         outcome = run_sweep(settings, stop=stop)
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's last snapshot stands, leave at once
+        if not tune_saved(settings):  # nothing a resume could continue: said as before the sweep
+            raise
         last_words.interrupted(settings.sweep_name)
         last_words.keep()
         return EXIT_INTERRUPTED
     except SweepStopped as stopped:  # SIGTERM or SIGHUP before Tune ran, or a second one
+        if not tune_saved(settings):
+            raise
         last_words.interrupted(settings.sweep_name, stopped.signum)
         last_words.keep()
         return EXIT_SIGNALLED + stopped.signum

@@ -131,9 +131,12 @@ def run_sweep(
         if stop is None:
             stop = stack.enter_context(StopSignals())
         with held_back():  # from the Ray processes started here, and until our handlers are in
-            if start_ray(settings.address, settings.output):
-                # Also flushes the workers' last log lines before the summary is printed.
+            if not ray.is_initialized():
+                # Before the start, since a Ctrl-C or SIGTERM may cut it short: a Ray left to the
+                # process's exit crashes it there (SIGSEGV in its core worker's teardown). The
+                # shutdown also flushes the workers' last log lines before the summary is printed.
                 stack.callback(shut_down_ray)
+                start_ray(settings.address, settings.output)
             stop.install()  # again: Ray's start sets a SIGTERM handler of its own
         try:
             outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
@@ -170,9 +173,14 @@ def _failed_before_the_sweep(tracking_uri: str, error: Exception) -> InputError:
     return InputError(f"MLflow at {tracking_uri} failed before the sweep began: {failure_cause(error)}")
 
 
+def tune_saved(settings: SweepSettings) -> bool:
+    """Whether Tune has saved this sweep's state, which a resume continues."""
+    return tune.Tuner.can_restore(settings.sweep_location)
+
+
 def _check_resume(settings: SweepSettings) -> None:
     """A resume continues a sweep that exists, as it was; a new sweep takes a name not yet used."""
-    exists = tune.Tuner.can_restore(settings.sweep_location)
+    exists = tune_saved(settings)
     if settings.resume and not exists:
         raise InputError(f"no sweep named {settings.sweep_name} in {settings.storage}")
     if exists and not settings.resume:  # a second sweep under one name would mix their runs
