@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from search.storage import StoredFile
 from search.tracking.journal import Journal, WriteQueue
-from search.tracking.store import start_sweep_run
-from search.tracking.writer import EndTrial, LogReport, MlflowWriter, StartTrial
+from search.tracking.store import child_runs, start_sweep_run
+from search.tracking.writer import EndTrial, FinishSweep, LogReport, MlflowWriter, StartTrial
 from spaces import get_space
-from trainables.names import METRIC
+from trainables.names import METRIC, ORPHAN_TAG, RESUMED_AT_TAG, TRIAL_ID_TAG
 
 SGD = get_space("sgd")
 
@@ -91,3 +91,41 @@ def test_operations_round_trip_through_the_journal_as_json(tmp_path):
     journal.write(operations)
     assert json.loads(journal.file.read_text())[1]["kind"] == "LogReport"
     assert journal.read() == operations
+
+
+def test_a_trial_that_a_kill_lost_before_tune_saved_it_keeps_one_run_when_tune_makes_it_again(store):
+    """A kill -9 after a trial's run reached MLflow but before Tune's snapshot held the trial: the
+    resume makes the trial again, with its number and config (so its run name) and a new trial ID.
+    Its run is that one, re-tagged, not a second run of the same name (found by the chaos test)."""
+    client = MlflowClient(store)
+    sweep = start_sweep_run(client, "journal", "lost", SGD, {}, ())
+    before_the_kill = MlflowWriter(store, sweep, SGD)
+    for operation in (StartTrial("t1", "004 lr=0.01", {"lr": 0.01}), epoch(1)):
+        before_the_kill.apply(operation)
+
+    resumed = MlflowWriter(store, sweep, SGD)
+    again = [LogReport("t2", step, {METRIC: 0.1 * step}, int(time.time() * 1000)) for step in (1, 2)]
+    for operation in (StartTrial("t2", "004 lr=0.01", {"lr": 0.01}), *again):
+        resumed.apply(operation)  # trained from the start again: the report the run has is skipped
+    (run,) = client.search_runs([sweep.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep.run_id}'")
+    assert run.data.tags[TRIAL_ID_TAG] == "t2" and run.info.status == "RUNNING"
+    assert [point.step for point in client.get_metric_history(run.info.run_id, METRIC)] == [1, 2]
+    assert run.data.tags[RESUMED_AT_TAG] == "0"  # it went on from what the run had
+
+
+def test_a_lost_trial_that_no_resume_made_again_is_closed_as_an_orphan_when_the_sweep_ends(store):
+    """A sweep can end (its budget spent) before a resume makes a lost trial again: its run is then
+    FAILED, says why, and is no trial of the sweep for any reader."""
+    client = MlflowClient(store)
+    sweep = start_sweep_run(client, "journal", "never-again", SGD, {}, ())
+    writer = MlflowWriter(store, sweep, SGD)
+    for operation in (StartTrial("t1", "001 lr=0.01", {"lr": 0.01}), epoch(1), EndTrial("t1", "FINISHED")):
+        writer.apply(operation)
+    writer.apply(StartTrial("lost", "002 lr=0.1", {"lr": 0.1}))
+    writer.apply(FinishSweep(interrupted=False, trial_ids=["t1"]))
+
+    parent = client.get_run(sweep.run_id)
+    assert [run.data.tags[TRIAL_ID_TAG] for run in child_runs(client, parent)] == ["t1"]
+    (lost,) = client.search_runs([sweep.experiment_id], "tags.trial_id = 'lost'")
+    assert lost.info.status == "FAILED" and "no resume made the trial again" in lost.data.tags[ORPHAN_TAG]
+    assert parent.info.status == "FINISHED"

@@ -57,7 +57,7 @@ RESUMED_AT_TAG = "resumed_at_epoch"  # the epoch of a resumed trial's first repo
 BEST_RUN_ID_TAG = "best_run_id"
 BEST_TRIAL_ID_TAG = "best_trial_id"
 SOURCE_RUN_ID_TAG = "source_run_id"  # on a retrain run: the trial it retrained
-ORPHAN_TAG = "orphan"  # on a parent run closed FAILED because its sweep never began: why
+ORPHAN_TAG = "orphan"  # on a run closed FAILED as no part of its sweep (never began, trial lost): why
 WAITING_UPLOADS_TAG = "waiting_uploads"  # on a parent run closed FAILED while uploads wait: what, where
 SOURCE_RUN_STATE_TAG = "source_run_state"  # on a retrain run whose trial was deleted: deleted, or missing
 

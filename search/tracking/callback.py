@@ -202,7 +202,8 @@ class SweepTracker(tune.Callback):
         budget_spent = (self.deadline is not None and time.time() >= self.deadline) or (
             trained_tflop(trials) >= self.compute_budget
         )
-        self._finish("KILLED" in statuses.values() or (len(trials) < self.num_samples and not budget_spent))
+        interrupted = "KILLED" in statuses.values() or (len(trials) < self.num_samples and not budget_spent)
+        self._finish(interrupted, list(statuses))
 
     def finish_after_a_crash(self) -> None:
         """When Tune itself failed (its storage full, or Ray gone under a stop signal) and so never
@@ -223,8 +224,8 @@ class SweepTracker(tune.Callback):
         with contextlib.suppress(*TRACKING_ERRORS):
             writer.client.set_terminated(self.settings["sweep"].run_id, "KILLED")
 
-    def _finish(self, interrupted: bool) -> None:
-        self.queue.submit(FinishSweep(interrupted))
+    def _finish(self, interrupted: bool, trial_ids: list[str] | None = None) -> None:
+        self.queue.submit(FinishSweep(interrupted, trial_ids))
         # The last chance in this run: give a restarting server a little time.
         deadline = time.monotonic() + self.grace_s
         while self.queue.pending and time.monotonic() < deadline:

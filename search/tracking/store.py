@@ -134,7 +134,8 @@ def claim_sweep_name(
 
 
 def close_orphan(client: MlflowClient, run_id: str, reason: str) -> None:
-    """Closes a parent run whose sweep never began, FAILED, saying why; readers then pass it by."""
+    """Closes a run that is no part of a sweep (a parent whose sweep never began, a lost trial's run),
+    FAILED, saying why; readers then pass it by."""
     client.set_tag(run_id, ORPHAN_TAG, reason)
     client.set_terminated(run_id, "FAILED")
 
@@ -285,12 +286,14 @@ def load_json_artifact(client: MlflowClient, run_id: str, path: str) -> Any:
 
 
 def child_runs(client: MlflowClient, parent_run: Run) -> list[Run]:
-    return client.search_runs(
+    """The sweep's trial runs, oldest first; a lost trial's, closed as an orphan, is none of them."""
+    runs = client.search_runs(
         [parent_run.info.experiment_id],
         f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run.info.run_id}'",
         order_by=["attributes.start_time ASC"],
         max_results=10_000,
     )
+    return [run for run in runs if ORPHAN_TAG not in run.data.tags]
 
 
 def best_child_run(children: list[Run]) -> Run | None:

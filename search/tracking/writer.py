@@ -26,6 +26,7 @@ from search.tracking.store import (
     as_params,
     best_child_run,
     child_runs,
+    close_orphan,
     failure_cause,
     log_datasets,
 )
@@ -47,6 +48,10 @@ from trainables.names import (
 from trainables.stats import wilson_interval
 
 ERROR_TAG_CHARS = 4000  # MLflow's limit on a tag value is larger; the end of a traceback says enough
+LOST_TRIAL = (
+    "its trial was lost: a hard stop came after this run was made and before Tune saved the trial, "
+    "and no resume made the trial again"
+)
 
 
 @dataclass
@@ -106,6 +111,19 @@ class MlflowWriter:
             )
         return self._trials[trial_id]
 
+    def adopt(self, trial_id: str, run_name: str) -> TrialRun | None:
+        """The child run of a trial that a hard stop lost: its run reached MLflow, but Tune's snapshot
+        never held it. A resume creates the trial again, under its number and config (so its name)
+        and a new trial ID; the run is re-tagged with that ID, and keeps what it has."""
+        quote = '"' if "'" in run_name else "'"  # MLflow's filter takes either; a name has one at most
+        query = f"attributes.run_name = {quote}{run_name}{quote} "
+        query += f"and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.sweep.run_id}'"
+        found = self.client.search_runs([self.sweep.experiment_id], query, max_results=1)
+        if not found:
+            return None
+        self.client.set_tag(found[0].info.run_id, TRIAL_ID_TAG, trial_id)
+        return self.find(trial_id)
+
     def add(self, trial_id: str, run_id: str) -> TrialRun:
         self._trials[trial_id] = TrialRun(run_id)
         return self._trials[trial_id]
@@ -157,7 +175,7 @@ class StartTrial(Operation):
     reopen: bool = True  # False when rebuilding a run from Tune's records: create it if missing, no more
 
     def apply(self, writer: MlflowWriter) -> None:
-        existing = writer.find(self.trial_id)
+        existing = writer.find(self.trial_id) or writer.adopt(self.trial_id, self.run_name)
         if existing is not None:
             if self.reopen:  # a restored trial: RUNNING again, not the KILLED it was left as
                 writer.client.update_run(existing.run_id, status="RUNNING")
@@ -269,11 +287,18 @@ class FinishSweep(Operation):
 
     needs_uploads: ClassVar[bool] = True
     interrupted: bool
+    # Every trial Tune holds, at a sweep's end: a child run of none of them is a lost trial's (see
+    # MlflowWriter.adopt) that no resume made again, closed as an orphan. None in older journals.
+    trial_ids: list[str] | None = None
 
     def apply(self, writer: MlflowWriter) -> None:
         client, parent_id = writer.client, writer.sweep.run_id
         parent = client.get_run(parent_id)
         children = child_runs(client, parent)
+        if not self.interrupted and self.trial_ids is not None:
+            for lost in [run for run in children if run.data.tags.get(TRIAL_ID_TAG) not in self.trial_ids]:
+                close_orphan(client, lost.info.run_id, LOST_TRIAL)
+                children.remove(lost)
         best = best_child_run(children)
         if best is not None:
             accuracy, now = best.data.metrics[BEST_METRIC], int(time.time() * 1000)
