@@ -36,6 +36,7 @@ from search.sweep.settings import SweepSettings
 from search.tracking.best import read_best
 from trainables.checkpoint import load_checkpoint
 from trainables.config import DataSettings
+from trainables.data import load_splits
 from trainables.names import BEST_METRIC, CHECKPOINT_ARTIFACT, IMAGES_SEEN, METRIC, ORPHAN_TAG
 
 pytestmark = pytest.mark.slow
@@ -197,8 +198,10 @@ def sweep_runs(settings: SweepSettings) -> tuple[list, list]:
     return parents, children
 
 
-def assert_round_invariants(settings: SweepSettings, done: Round) -> None:
-    """What holds whenever a run of search.run has ended, whatever struck it."""
+def assert_round_invariants(settings: SweepSettings, done: Round, left_open: bool) -> None:
+    """What holds whenever a run of search.run has ended, whatever struck it. `left_open`: runs a
+    kill -9 left RUNNING may still be, since no run got past its start to close them (one refused
+    at the start, with exit 2, writes nothing)."""
     assert done.returncode in {0} | EXIT_CODES[done.fault], (done, done.stderr[-3000:])
     if done.returncode == 2:  # refused at the start, as a server down then always is
         assert "search.run: error: MLflow" in done.stderr, done.stderr[-3000:]
@@ -213,7 +216,7 @@ def assert_round_invariants(settings: SweepSettings, done: Round) -> None:
         Counter(child.info.run_name for child in children),
     ):
         assert all(count == 1 for count in counted.values()), counted  # one run per trial, uniquely named
-    if not done.killed:  # a run that ended itself closed its runs
+    if not left_open:  # a run that ended itself closed its runs
         statuses = [run.info.status for run in [*live, *children]]
         assert "RUNNING" not in statuses, (done, statuses)
 
@@ -277,22 +280,49 @@ def assert_complete_sweep(settings: SweepSettings, tmp_path: Path) -> dict[str, 
     return steps
 
 
+def reports_done(settings: SweepSettings) -> int:
+    """The sweep's reports that Tune holds, each once (a resumed trial writes some again)."""
+    return sum(len({result[IMAGES_SEEN] for result in trial}) for trial in tune_results(settings).values())
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The uninterrupted sweep's: seconds to its first report and to its end, and its reports."""
+
+    first_report_s: float
+    sweep_s: float
+    reports: int
+
+    def window_s(self, settings: SweepSettings) -> float:
+        """A run's moments, from its start to about its end, which a fault is drawn from: a resumed
+        run is shorter, by what the sweep has done, and a fault after its end would strike nothing."""
+        left = max(0.0, 1 - reports_done(settings) / self.reports)
+        return self.first_report_s + (self.sweep_s - self.first_report_s) * left
+
+
 def test_faults_at_random_moments_never_lose_or_misrecord_anything(server, tmp_path):
     # The sweep once, uninterrupted: what each trial reports, which ASHA decides, must not change.
-    reference, started = chaos_sweep(tmp_path, server, 0), time.monotonic()
+    # Its images decoded first, as every later run finds them: its timing is then theirs.
+    reference = chaos_sweep(tmp_path, server, 0)
+    load_splits(reference.data)
+    started, wall_start = time.monotonic(), time.time()
     process = run_search(reference, tmp_path / "reference.stderr")
     drain(process, started + 600)
     assert process.wait() == 0, (tmp_path / "reference.stderr").read_text()[-3000:]
-    sweep_s = time.monotonic() - started  # faults strike within it, mostly before a run's end
+    sweep_s = time.monotonic() - started
     expected = assert_complete_sweep(reference, tmp_path / "reference")
+    first_report = min(result["timestamp"] for trial in tune_results(reference).values() for result in trial)
+    timing = Timing(first_report - wall_start, sweep_s, reports_done(reference))
 
     rng = random.Random(SEED)
-    number, settings, rounds = 1, chaos_sweep(tmp_path, server, 1), []
+    number, settings, rounds, left_open = 1, chaos_sweep(tmp_path, server, 1), [], False
     for index, fault in zip(range(ROUNDS), fault_order(rng), strict=False):
-        done = one_round(fault, settings, server, rng, tmp_path / f"round-{index}.stderr", sweep_s)
+        window_s = timing.window_s(settings)
+        done = one_round(fault, settings, server, rng, tmp_path / f"round-{index}.stderr", window_s)
         rounds.append(done)
-        print(f"round {index}: {done.fault} at {done.delay_s:.1f} of {sweep_s:.0f} s, exit {done.returncode}")
-        assert_round_invariants(settings, done)
+        print(f"round {index}: {fault} at {done.delay_s:.1f} of {window_s:.0f} s, exit {done.returncode}")
+        left_open = done.killed or (left_open and done.returncode == 2)
+        assert_round_invariants(settings, done, left_open)
         if done.returncode == 0:  # this sweep is done: check it, and start the next
             assert assert_complete_sweep(settings, tmp_path / f"check-{number}") == expected
             number += 1
