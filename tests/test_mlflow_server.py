@@ -229,6 +229,7 @@ def test_the_ui_lists_the_parent_run_with_its_children_nested_under_it(remote_sw
     }
     for link in child_links.values():
         wait_for(driver, shown.visibility_of_element_located(link), screenshots, "runs-expanded")
+    widen_the_run_name_column(driver)  # as a user does, to read the trials' names
     driver.save_screenshot(PICTURE or str(screenshots / "experiment.png"))
 
     def row_index(run_id: str) -> int:
@@ -244,6 +245,17 @@ def test_the_ui_lists_the_parent_run_with_its_children_nested_under_it(remote_sw
     assert all(indent(run_id) > indent(parent.info.run_id) for run_id in child_links)
     for run_id, link in child_links.items():
         assert driver.find_element(*link).get_attribute("href").endswith(f"/runs/{run_id}")
+
+
+def widen_the_run_name_column(driver, by_px: int = 330) -> None:
+    """Drags the edge of the runs table's Run Name header, which is narrower than a trial's name."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    edge = driver.find_element(
+        By.XPATH, '//div[@role="columnheader" and .//*[text()="Run Name"]]//div[contains(@class, "resize")]'
+    )
+    ActionChains(driver).click_and_hold(edge).move_by_offset(by_px, 0).release().perform()
 
 
 def row(run_id: str) -> str:
