@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -30,7 +29,12 @@ from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address
-from search.sweep.signals import StopSignals, SweepStopped, held_back, keeping_stop_handlers
+from search.sweep.signals import (
+    StopSignals,
+    deferred_stops,
+    held_back,
+    keeping_stop_handlers,
+)
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -132,11 +136,13 @@ def run_sweep(
             stop = stack.enter_context(StopSignals())
         with held_back():  # from the Ray processes started here, and until our handlers are in
             if not ray.is_initialized():
-                # Before the start, since a Ctrl-C or SIGTERM may cut it short: a Ray left to the
-                # process's exit crashes it there (SIGSEGV in its core worker's teardown). The
-                # shutdown also flushes the workers' last log lines before the summary is printed.
+                # Before the start: a Ray left to the process's exit crashes it there (SIGSEGV in
+                # its core worker's teardown), so a stop during the start, acted on at its end,
+                # shuts it down too. The shutdown also flushes the workers' last log lines before
+                # the summary is printed.
                 stack.callback(shut_down_ray)
-                start_ray(settings.address, settings.output)
+                with deferred_stops():
+                    start_ray(settings.address, settings.output)
             stop.install()  # again: Ray's start sets a SIGTERM handler of its own
         try:
             outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
@@ -445,13 +451,6 @@ def start_ray(address: str | None, output: str) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=level)
-    except SystemExit as exit_:
-        # Ray's SIGTERM handlers, in effect while it starts: ray.init's sys.exit(SIGTERM), then its
-        # head node's, which stops the node's processes and exits 1. A SIGTERM that another thread
-        # took while the main one held it back lands in one of them: it stops the sweep, as ours.
-        if exit_.code in (signal.SIGTERM, 1):
-            raise SweepStopped(signal.SIGTERM) from None
-        raise
     except ConnectionError as error:
         raise InputError(
             f"cannot join the Ray cluster at {address} ({first_line(error)}); a cluster started by "

@@ -45,6 +45,39 @@ def held_back() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Meanwhile (Ray's start, in the main thread), a stop signal or Ctrl-C is only noted, and acted
+    on at the end, as KeyboardInterrupt or SweepStopped. One that cut ray.init short left Ray half
+    started, its core worker out of ray.shutdown's reach, and the process's exit then crashed in
+    its teardown (SIGSEGV). The handlers Ray sets for these signals meanwhile are not put in: ours
+    replace them as soon as it has started (as Ray's own DeferSigint keeps SIGINT's)."""
+    signals, received = (signal.SIGINT, *STOP_SIGNALS), []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in signals}
+    set_handler = signal.signal
+
+    def keep_noting(signum: int, handler: Any) -> Any:
+        if signum in signals and threading.current_thread() is threading.main_thread():
+            return note
+        return set_handler(signum, handler)
+
+    signal.signal = keep_noting  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        signal.signal = set_handler
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SweepStopped(received[0])
+
+
+@contextlib.contextmanager
 def keeping_stop_handlers(poll_s: float = 0.005) -> Iterator[None]:
     """Meanwhile, a thread puts the process's handlers of SIGTERM and SIGHUP back whenever C code
     resets them (Ray's shutdown does), so that a signal then is still ours, not the default's
