@@ -141,9 +141,8 @@ def run_sweep(
                 # shuts it down too. The shutdown also flushes the workers' last log lines before
                 # the summary is printed.
                 stack.callback(shut_down_ray)
-                with deferred_stops():
+                with deferred_stops():  # which also keeps Ray's own handlers out: ours stay
                     start_ray(settings.address, settings.output)
-            stop.install()  # again: Ray's start sets a SIGTERM handler of its own
         try:
             outcome = _sweep(settings, space, tracking_uri, splits, trainable, stop)
         finally:

@@ -142,11 +142,6 @@ class StopSignals:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def install(self) -> None:
-        """In again, after something else took the signals (Ray's start sets a SIGTERM handler)."""
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._handle)
-
     def over(self) -> None:
         """The sweep has ended, its outcome read: a stop signal now changes nothing but the speed."""
         self._ended.set()
