@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -102,13 +102,17 @@ class MlflowWriter:
             found = self.client.search_runs([self.sweep.experiment_id], query, max_results=1)
             if not found:
                 return None
-            run = found[0]
-            history = self.client.get_metric_history(run.info.run_id, METRIC)
-            self._trials[trial_id] = TrialRun(
-                run_id=run.info.run_id,
-                best=run.data.metrics.get(BEST_METRIC, -math.inf),
-                steps={point.step for point in history},
-            )
+            self._remember(trial_id, found[0])
+        return self._trials[trial_id]
+
+    def _remember(self, trial_id: str, run: Run) -> TrialRun:
+        """The trial's run as the writer keeps it: what it has logged, read once."""
+        history = self.client.get_metric_history(run.info.run_id, METRIC)
+        self._trials[trial_id] = TrialRun(
+            run_id=run.info.run_id,
+            best=run.data.metrics.get(BEST_METRIC, -math.inf),
+            steps={point.step for point in history},
+        )
         return self._trials[trial_id]
 
     def adopt(self, trial_id: str, run_name: str) -> TrialRun | None:
@@ -122,7 +126,7 @@ class MlflowWriter:
         if not found:
             return None
         self.client.set_tag(found[0].info.run_id, TRIAL_ID_TAG, trial_id)
-        return self.find(trial_id)
+        return self._remember(trial_id, found[0])
 
     def add(self, trial_id: str, run_id: str) -> TrialRun:
         self._trials[trial_id] = TrialRun(run_id)
