@@ -29,12 +29,7 @@ from search.sweep.progress import SweepProgress
 from search.sweep.scheduler import InOrderASHA
 from search.sweep.searcher import TrialCost, make_searcher, warm_start_trials
 from search.sweep.settings import SweepSettings, check_ray_address
-from search.sweep.signals import (
-    StopSignals,
-    deferred_stops,
-    held_back,
-    keeping_stop_handlers,
-)
+from search.sweep.signals import StopSignals, deferred_stops, held_back, keeping_stop_handlers
 from search.tracking.best import why_no_best
 from search.tracking.callback import SweepTracker
 from search.tracking.history import finished_trials
@@ -134,7 +129,7 @@ def run_sweep(
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopSignals())
-        with held_back():  # from the Ray processes started here, and until our handlers are in
+        with held_back():  # from the Ray processes started here: a signal to the group is ours
             if not ray.is_initialized():
                 # Before the start: a Ray left to the process's exit crashes it there (SIGSEGV in
                 # its core worker's teardown), so a stop during the start, acted on at its end,
